@@ -1,0 +1,91 @@
+"""The ``"vlmkit"`` attention implementation, registered with transformers' AttentionInterface.
+
+The runtime sets it on the language model only (``model.set_attn_implementation({"text_config": "vlmkit"})``); the
+vision tower keeps its own implementation. For each layer call, the runtime passes a :class:`LayerAttention` through
+the decoder layer's ``**kwargs`` (keyword ``vlmkit_attention``): key padding, logit biases, a ``mask_mod`` and the
+statistics it wants. The function writes the statistics back into that object. Without one (a plain HF forward or
+``generate``), it behaves like sdpa with the mask transformers built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from vlmkit.kernels.reference import AttentionStats, MaskMod, allowed_mask, attention_reference
+
+IMPLEMENTATION = "vlmkit"
+
+
+@dataclass
+class LayerAttention:
+    """What the runtime asks of one layer's attention call, and what comes back (``stats``)."""
+
+    key_valid: torch.Tensor  # [B, Lk] bool, False for padding or dropped slots
+    key_bias: torch.Tensor | None = None  # [B or 1, Hq or 1, Lk] added to every query row's logits
+    mask_mod: MaskMod | None = None  # (b, h, q_idx, kv_idx) -> bool, q_idx in key-index space
+    mass_queries: torch.Tensor | tuple[int, int] | None = None  # rows whose softmax mass is summed per key
+    backend: str = "auto"  # "auto": fastest available path; "reference": always the torch reference
+    stats: AttentionStats | None = field(default=None, repr=False)
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.mass_queries is not None
+
+
+def vlmkit_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    vlmkit_attention: LayerAttention | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-function contract: q ``[B,Hq,Lq,D]``, k/v ``[B,Hkv,Lk,D]`` -> ``[B,Lq,Hq,D]``."""
+    call = vlmkit_attention
+    if call is None:
+        return _sdpa(query, key, value, _hf_mask(attention_mask, query, key), scaling), None
+    if call.backend == "reference" or call.needs_statistics or call.mask_mod is not None:
+        out, call.stats = attention_reference(
+            query, key, value, causal=True, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,
+            key_valid=call.key_valid, mass_queries=call.mass_queries,
+        )
+        return out, None
+    batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    allowed = allowed_mask(
+        batch, 1, q_len, k_len, causal=True, key_valid=call.key_valid, mask_mod=None, device=query.device
+    )
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # padding query rows: any finite output will do
+    mask = allowed
+    if call.key_bias is not None:
+        bias = call.key_bias.to(query.dtype).unsqueeze(-2)
+        mask = torch.where(allowed, bias, torch.finfo(query.dtype).min)
+    return _sdpa(query, key, value, mask, scaling), None
+
+
+def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=False, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def _hf_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    if attention_mask is None:
+        return allowed_mask(1, 1, query.shape[2], key.shape[2], causal=True, key_valid=None, mask_mod=None,
+                            device=query.device)
+    return attention_mask[:, :, :, : key.shape[2]]
+
+
+def register() -> None:
+    """Register ``"vlmkit"`` with transformers (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, vlmkit_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,190 @@
+"""The Python API: ``load``, ``wrap`` and ``VLM.generate``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from vlmkit import decoders as decoder_registry
+from vlmkit import pruners as pruner_registry
+from vlmkit.errors import ConfigError, InputError, ModelNotSupported
+from vlmkit.images import ImageLike, load_image
+from vlmkit.kernels import interface as attention_interface
+from vlmkit.models import ADAPTERS, Adapter, adapter_for
+from vlmkit.runtime.engine import Engine, StreamCallback
+from vlmkit.runtime.hooks import GenerationContext, Intervention
+from vlmkit.runtime.sampling import SamplingConfig
+
+ATTENTION_BACKENDS = ("auto", "reference")
+
+
+@dataclass
+class Generation:
+    """One generated answer. ``stats`` holds at least visual_tokens_in, visual_tokens_kept, prefill_s, decode_s and
+    new_tokens (prefill_s and decode_s are for the whole batch the sample was generated in)."""
+
+    text: str
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+class VLM:
+    """A stock HF vision-language model with one pruner and any number of decoders attached."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        pruner: pruner_registry.Pruner | str | None = None,
+        decoders: Sequence[decoder_registry.Decoder | str] = (),
+        attn: str = "auto",
+    ):
+        if attn not in ATTENTION_BACKENDS:
+            raise ConfigError(f"unknown attention backend {attn!r}; choose one of {ATTENTION_BACKENDS}")
+        self.adapter: Adapter = adapter_for(model, processor)
+        self.model, self.processor = model, processor
+        attention_interface.register()
+        model.set_attn_implementation({"text_config": attention_interface.IMPLEMENTATION})
+        self.pruner = pruner_registry.create_from_spec(pruner) if isinstance(pruner, str) else pruner
+        self.decoders = [decoder_registry.create_from_spec(d) if isinstance(d, str) else d for d in decoders]
+        self.engine = Engine(self.adapter, self.interventions, attention_backend=attn)
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return ([self.pruner] if self.pruner is not None else []) + list(self.decoders)
+
+    def generate(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        num_beams: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stream: StreamCallback | None = None,
+    ) -> list[Generation]:
+        """Answer each prompt about its image. ``stream(row, text_delta)`` is called as text is produced
+        (greedy and sampling only); generation of a row ends at EOS, at a ``stop`` string or after
+        ``max_new_tokens``."""
+        images, prompts = _as_list(images), _as_list(prompts)
+        if len(images) != len(prompts):
+            raise InputError(f"got {len(images)} images but {len(prompts)} prompts; pass one image per prompt")
+        if not prompts:
+            raise InputError("no prompts given")
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"prompt {index} is empty; write a question or instruction about the image")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if num_beams < 1:
+            raise ConfigError(f"num_beams must be at least 1, got {num_beams}")
+        if do_sample and temperature <= 0:
+            raise ConfigError(f"temperature must be positive when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        if len(prompts) > 1:
+            for decoder in self.decoders:
+                if not decoder.supports_batch:
+                    raise ConfigError(f"decoder {decoder.name!r} runs one sample at a time; pass a single prompt")
+        pil_images = [load_image(image) for image in images]
+        batch = self.adapter.prepare(pil_images, list(prompts))
+        ctx = GenerationContext(adapter=self.adapter, prompts=list(prompts), images=pil_images)
+        sampling = SamplingConfig(do_sample, temperature, top_p, top_k, num_beams)
+        rows = self.engine.generate(
+            ctx, batch, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop, stream=stream
+        )
+        return [Generation(text=row.text, token_ids=row.token_ids, stats=row.stats) for row in rows]
+
+
+def wrap(
+    hf_model: PreTrainedModel,
+    processor: ProcessorMixin,
+    *,
+    pruner: pruner_registry.Pruner | str | None = None,
+    decoders: Sequence[decoder_registry.Decoder | str] = (),
+    attn: str = "auto",
+) -> VLM:
+    """Attach vlmkit to an already loaded model. Its language model's attention is set to ``"vlmkit"`` (which
+    behaves like sdpa in the model's own ``forward`` and ``generate``)."""
+    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn)
+
+
+def load(
+    model: str | Path,
+    *,
+    pruner: pruner_registry.Pruner | str | None = None,
+    decoders: Sequence[decoder_registry.Decoder | str] = (),
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn: str = "auto",
+    device_map: str | dict | None = None,
+) -> VLM:
+    """Load a hub id, a local folder or ``"builtin:NAME"`` and wrap it.
+
+    ``device`` defaults to CUDA when available; ``dtype`` to bfloat16 on CUDA and float32 on CPU.
+    ``device_map="auto"`` spreads a model too large for one GPU over the visible GPUs (accelerate).
+    """
+    source = resolve_model(str(model))
+    if device_map is None:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _dtype(dtype, device if device_map is None else torch.device("cuda"))
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load model {model!r}: {error}") from None
+    architectures = config.architectures or [type(config).__name__]
+    supported = {name for adapter in ADAPTERS for name in adapter.model_classes}
+    if not supported.intersection(architectures):
+        raise ModelNotSupported(
+            f"model {model!r} is a {', '.join(architectures)}; vlmkit supports {', '.join(sorted(supported))}"
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        hf_model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load model {model!r}: {error}") from None
+    if device_map is None:
+        hf_model = hf_model.to(device)
+    return wrap(hf_model.eval(), processor, pruner=pruner, decoders=decoders, attn=attn)
+
+
+BUILTIN_DIR = Path(__file__).parent / "world" / "checkpoints"
+
+
+def resolve_model(model: str) -> str:
+    """``builtin:NAME`` -> the folder of a checkpoint shipped with vlmkit; anything else is returned unchanged."""
+    if not model.startswith("builtin:"):
+        return model
+    name = model.removeprefix("builtin:")
+    folder = BUILTIN_DIR / name
+    if not (folder / "config.json").is_file():
+        shipped = sorted(p.name for p in BUILTIN_DIR.glob("*") if (p / "config.json").is_file())
+        raise ConfigError(f"no built-in model {name!r}; built-in models: {', '.join(shipped) or 'none yet'}")
+    return str(folder)
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return resolved
+
+
+def _as_list(value) -> list:
+    if isinstance(value, (str, bytes, Path)) or not isinstance(value, Sequence):
+        return [value]
+    return list(value)

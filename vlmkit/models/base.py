@@ -1,0 +1,137 @@
+"""Model adapters: what the runtime needs to know about one VLM family, derived from the stock HF model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+from vlmkit.runtime.hooks import VisualTokens
+
+
+@dataclass
+class PreparedBatch:
+    """A left-padded batch of (image, prompt) pairs, ready for the language model."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] 1 for real tokens
+    is_visual: torch.Tensor  # [B, L] bool, from the image placeholder token id
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values, image_grid_thw, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific inputs (mm_token_type_ids, ...)
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Adapter:
+    """Base adapter. Subclasses fill in the family-specific parts."""
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.config = model.config
+
+    # -- language model -------------------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (``.layers``, ``.norm``, ``.rotary_emb``, ``.embed_tokens``)."""
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    @property
+    def text_config(self):
+        return self.config.get_text_config()
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.weight.device
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.language_model.rotary_emb(hidden, positions)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.norm(hidden)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    # -- prompts and inputs ---------------------------------------------------------------------------------------
+    def build_prompt(self, text: str) -> str:
+        """The chat prompt for one (image, text) turn, ending where the assistant's answer starts."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self.default_prompt(text)
+
+    def default_prompt(self, text: str) -> str:
+        raise NotImplementedError
+
+    def prepare(self, images: list[Image.Image], prompts: list[str]) -> PreparedBatch:
+        """Run the processor on chat prompts, left-padded."""
+        self.tokenizer.padding_side = "left"
+        encoded = self.processor(
+            images=images, text=[self.build_prompt(p) for p in prompts], return_tensors="pt", padding=True
+        )
+        device = self.device
+        input_ids = encoded.pop("input_ids").to(device)
+        attention_mask = encoded.pop("attention_mask").to(device)
+        vision_inputs, extra = self.split_processor_outputs({k: v.to(device) for k, v in encoded.items()})
+        return PreparedBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            is_visual=input_ids == self.image_token_id,
+            vision_inputs=vision_inputs,
+            extra=extra,
+        )
+
+    def split_processor_outputs(self, outputs: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        return outputs, {}
+
+    # -- vision side ----------------------------------------------------------------------------------------------
+    def encode_images(self, batch: PreparedBatch) -> list[VisualTokens]:
+        """Vision tower + projector: one :class:`VisualTokens` per image."""
+        raise NotImplementedError
+
+    # -- positions ------------------------------------------------------------------------------------------------
+    def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of the unpruned prompt and the next position of each row (``[B]``)."""
+        positions = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions, batch.attention_mask.long().sum(-1)
+
+    def decode_positions(self, next_position: torch.Tensor, step: int) -> torch.Tensor:
+        """Position ids ``[B, 1]`` (or ``[3, B, 1]``) of the token decoded at ``step``."""
+        return (next_position + step).unsqueeze(-1)
+
+
+def unpack_features(output) -> list[torch.Tensor]:
+    """``get_image_features`` returns a ModelOutput (``pooler_output``), a tensor or a tuple across versions."""
+    features = getattr(output, "pooler_output", output)
+    if isinstance(features, torch.Tensor):
+        features = list(features) if features.dim() == 3 else [features]
+    return list(features)

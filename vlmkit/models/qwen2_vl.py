@@ -1,0 +1,62 @@
+"""Qwen2-VL and Qwen2.5-VL: native-resolution ViT with a 2x2 patch merger, Qwen2 LM, 3-D M-RoPE positions."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from vlmkit.models.base import Adapter, PreparedBatch, unpack_features
+from vlmkit.runtime.hooks import VisualTokens
+
+
+class Qwen2VLAdapter(Adapter):
+    family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+    @property
+    def vision_tower(self):
+        return self.model.model.visual
+
+    @property
+    def projector(self):
+        """The patch merger (Qwen's projector)."""
+        return self.model.model.visual.merger
+
+    @property
+    def merge_size(self) -> int:
+        return self.config.vision_config.spatial_merge_size
+
+    def default_prompt(self, text: str) -> str:
+        return (
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+            f"{text}<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    def split_processor_outputs(self, outputs):
+        extra = {key: outputs.pop(key) for key in ("mm_token_type_ids",) if key in outputs}
+        return outputs, extra
+
+    def encode_images(self, batch: PreparedBatch) -> list[VisualTokens]:
+        grid_thw = batch.vision_inputs["image_grid_thw"]
+        output = self.model.model.get_image_features(
+            pixel_values=batch.vision_inputs["pixel_values"], image_grid_thw=grid_thw
+        )
+        tokens = []
+        for index, (embeds, (_, rows, cols)) in enumerate(zip(unpack_features(output), grid_thw.tolist())):
+            grid = (rows // self.merge_size, cols // self.merge_size)
+            tokens.append(VisualTokens(embeds=embeds, grid=grid, image_index=index))
+        return tokens
+
+    def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE ids ``[3, B, L]`` from the model's own ``get_rope_index``, on the unpruned sequence."""
+        rope_index = self.model.model.get_rope_index
+        kwargs = {"image_grid_thw": batch.vision_inputs["image_grid_thw"], "attention_mask": batch.attention_mask}
+        if "mm_token_type_ids" in inspect.signature(rope_index).parameters:
+            kwargs["mm_token_type_ids"] = batch.extra.get("mm_token_type_ids", batch.is_visual.int())
+        positions, deltas = rope_index(batch.input_ids, **kwargs)
+        next_position = batch.attention_mask.long().sum(-1) + deltas.view(-1).to(batch.input_ids.device)
+        return positions, next_position
+
+    def decode_positions(self, next_position: torch.Tensor, step: int) -> torch.Tensor:
+        return (next_position + step).view(1, -1, 1).expand(3, -1, 1)

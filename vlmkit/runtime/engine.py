@@ -1,0 +1,337 @@
+"""The engine: vlmkit's own prefill and decode loops over a stock HF model's decoder layers.
+
+One call of :meth:`Engine.generate` does, in order (hook names in brackets, see ``hooks.py``):
+
+1. embed the prompt tokens; run the vision tower and projector; let the pruner choose visual tokens [select_visual];
+2. compute position ids on the unpruned sequence [positions]; pack the kept tokens (left-padded);
+3. prefill: walk the decoder layers; before each, gather attention requests [attention]; after each, edit the
+   residual [edit_residual] and let the pruner drop tokens [after_layer];
+4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
+   beam search) and let decoders reject candidates [accept]; stop at EOS, stop strings or the token limit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmkit.errors import ConfigError, InputError
+from vlmkit.kernels.interface import LayerAttention
+from vlmkit.models.base import Adapter, PreparedBatch
+from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime.hooks import GenerationContext, Intervention, LayerState, Selection
+from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
+
+StreamCallback = Callable[[int, str], None]
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int]
+    text: str
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Runs generation for one adapter with one pruner and any number of decoders."""
+
+    def __init__(self, adapter: Adapter, interventions: Sequence[Intervention] = (), attention_backend: str = "auto"):
+        self.adapter = adapter
+        self.interventions = list(interventions)
+        self.attention_backend = attention_backend
+
+    def _with(self, hook: str) -> list[Intervention]:
+        return [i for i in self.interventions if i.overrides(hook)]
+
+    # -- sequence packing -----------------------------------------------------------------------------------------
+    @staticmethod
+    def compact(state: LayerState, keep: torch.Tensor) -> LayerState:
+        """Keep the tokens where ``keep`` is True (in order), left-padded to the longest row."""
+        keep = keep & state.valid
+        counts = keep.sum(dim=1)
+        length = int(counts.max())
+        rows, cols = keep.nonzero(as_tuple=True)
+        target = length - counts[rows] + (keep.cumsum(dim=1) - 1)[rows, cols]
+        batch = keep.shape[0]
+
+        def pack(tensor: torch.Tensor, fill, batch_dim: int = 0) -> torch.Tensor:
+            if batch_dim == 1:  # M-RoPE positions [3, B, L]
+                out = tensor.new_full((tensor.shape[0], batch, length), fill)
+                out[:, rows, target] = tensor[:, rows, cols]
+                return out
+            out = tensor.new_full((batch, length, *tensor.shape[2:]), fill)
+            out[rows, target] = tensor[rows, cols]
+            return out
+
+        return LayerState(
+            hidden=pack(state.hidden, 0),
+            valid=pack(state.valid, False),
+            is_visual=pack(state.is_visual, False),
+            positions=pack(state.positions, 0, batch_dim=1 if state.positions.dim() == 3 else 0),
+            source_index=pack(state.source_index, -1),
+        )
+
+    # -- the layer walk -------------------------------------------------------------------------------------------
+    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, key_valid) -> LayerAttention:
+        requests = [r for i in self._with("attention") if (r := i.attention(ctx, layer, state)) is not None]
+        call = LayerAttention(key_valid=key_valid, backend=self.attention_backend)
+        for request in requests:
+            call.key_bias = _add(call.key_bias, request.key_bias)
+            call.mask_mod = _and_masks(call.mask_mod, request.mask_mod)
+            if request.mass_queries is not None:
+                if call.mass_queries is not None and not torch.equal(call.mass_queries, request.mass_queries):
+                    raise ConfigError(f"two interventions ask for different attention statistics at layer {layer}")
+                call.mass_queries = request.mass_queries
+        return call
+
+    def run_layers(
+        self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int]
+    ) -> tuple[LayerState, dict[int, torch.Tensor], list[int]]:
+        """Walk every decoder layer once. Returns the final state, requested last-position hidden states, and the
+        number of visual tokens each layer processed (for the stats)."""
+        adapter = self.adapter
+        prefill = ctx.step < 0
+        pruners = self._with("after_layer") if prefill else []
+        editors = self._with("edit_residual")
+        rotary = adapter.rotary(state.hidden, state.positions)
+        collected, visual_counts = {}, []
+        num_layers = len(adapter.layers)
+        for index, layer in enumerate(adapter.layers):
+            visual_counts.append(int(state.is_visual.sum()))
+            key_valid = cache.extend_valid(index, state.valid)
+            state.key_valid = key_valid
+            call = self._attention_call(ctx, index, state, key_valid)
+            state.hidden = layer(
+                state.hidden,
+                attention_mask=None,
+                position_ids=None,
+                past_key_values=cache,
+                use_cache=True,
+                position_embeddings=rotary,
+                vlmkit_attention=call,
+            )
+            for editor in editors:
+                if (edited := editor.edit_residual(ctx, index, state)) is not None:
+                    state.hidden = edited
+            for pruner in pruners:
+                keep = pruner.after_layer(ctx, index, state, call.stats)
+                if keep is not None and index < num_layers - 1:
+                    state = self.compact(state, keep | ~state.is_visual)
+                    rotary = adapter.rotary(state.hidden, state.positions)
+            if index in hidden_layers:
+                collected[index] = state.hidden[:, -1]
+        return state, collected, visual_counts
+
+    def _hidden_layers(self) -> set[int]:
+        num_layers = len(self.adapter.layers)
+        return {l % num_layers for i in self._with("edit_logits") for l in i.logit_hidden_layers}
+
+    def _logits(self, ctx, state: LayerState, collected: dict[int, torch.Tensor]) -> torch.Tensor:
+        hidden = self.adapter.final_norm(state.hidden[:, -1:])
+        logits = self.adapter.lm_head(hidden)[:, -1].float()
+        for decoder in self._with("edit_logits"):
+            if (edited := decoder.edit_logits(ctx, logits, collected)) is not None:
+                logits = edited
+        return logits
+
+    # -- prefill --------------------------------------------------------------------------------------------------
+    def initial_state(self, ctx: GenerationContext, batch: PreparedBatch) -> tuple[LayerState, torch.Tensor, list[int]]:
+        """Embed text and images, apply the vision-side pruner, and pack the sequence."""
+        hidden = self.adapter.embed_tokens(batch.input_ids)
+        keep = batch.attention_mask.bool().clone()
+        visual = self.adapter.encode_images(batch)
+        selections: list[Selection | None] = [None] * len(visual)
+        for pruner in self._with("select_visual"):
+            selections = pruner.select_visual(ctx, visual) or selections
+        for row, (tokens, selection) in enumerate(zip(visual, selections)):
+            slots = batch.is_visual[row].nonzero().squeeze(-1)
+            if slots.numel() != tokens.embeds.shape[0]:
+                raise InputError(
+                    f"sample {row}: the prompt has {slots.numel()} image placeholder tokens but the vision encoder "
+                    f"produced {tokens.embeds.shape[0]} tokens; build prompts with the model's processor"
+                )
+            hidden[row, slots] = tokens.embeds.to(hidden.dtype)
+            if selection is not None:
+                dropped = torch.ones(slots.numel(), dtype=torch.bool, device=slots.device)
+                dropped[selection.keep] = False
+                keep[row, slots[dropped]] = False
+                if selection.embeds is not None:
+                    hidden[row, slots[selection.keep]] = selection.embeds.to(hidden.dtype)
+        positions, next_position = self.adapter.position_ids(batch)
+        for intervention in self._with("positions"):
+            positions = intervention.positions(ctx, positions, batch.is_visual) or positions
+        state = LayerState(
+            hidden=hidden,
+            valid=batch.attention_mask.bool(),
+            is_visual=batch.is_visual.clone(),
+            positions=positions,
+            source_index=torch.arange(batch.input_ids.shape[1], device=hidden.device).expand_as(batch.input_ids),
+        )
+        visual_in = batch.is_visual.sum(dim=1).tolist()
+        return self.compact(state, keep), next_position, visual_in
+
+    # -- generate -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        ctx: GenerationContext,
+        batch: PreparedBatch,
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stream: StreamCallback | None = None,
+    ) -> list[RowResult]:
+        ctx.engine = self
+        for intervention in self._with("prepare"):
+            intervention.prepare(ctx, batch)
+        device = self.adapter.device
+        generator = None
+        if sampling.do_sample:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+
+        started = _now(device)
+        state, next_position, visual_in = self.initial_state(ctx, batch)
+        visual_kept = state.is_visual.sum(dim=1).tolist()
+        cache = LayeredKVCache(len(self.adapter.layers))
+        hidden_layers = self._hidden_layers()
+        ctx.step = -1
+        state, collected, visual_per_layer = self.run_layers(ctx, state, cache, hidden_layers)
+        logits = self._logits(ctx, state, collected)
+        prefill_s = _now(device) - started
+
+        decoder = _BeamDecoder if sampling.num_beams > 1 else _TokenDecoder
+        rows = decoder(self, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream).run(logits)
+        decode_s = _now(device) - started - prefill_s
+        for row, result in enumerate(rows):
+            result.stats = {
+                "visual_tokens_in": visual_in[row],
+                "visual_tokens_kept": visual_kept[row],
+                "visual_tokens_by_layer": visual_per_layer,
+                "prefill_s": prefill_s,
+                "decode_s": decode_s,
+                "new_tokens": len(result.token_ids),
+            }
+        return rows
+
+    def decode_step(self, ctx, cache: LayeredKVCache, tokens: torch.Tensor, next_position: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; return the next logits ``[B, V]``."""
+        hidden = self.adapter.embed_tokens(tokens[:, None])
+        batch = tokens.shape[0]
+        state = LayerState(
+            hidden=hidden,
+            valid=torch.ones(batch, 1, dtype=torch.bool, device=hidden.device),
+            is_visual=torch.zeros(batch, 1, dtype=torch.bool, device=hidden.device),
+            positions=self.adapter.decode_positions(next_position, ctx.step),
+            source_index=torch.full((batch, 1), -1, device=hidden.device),
+        )
+        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers())
+        return self._logits(ctx, state, collected)
+
+
+class _TokenDecoder:
+    """Greedy or sampled decoding, one token per row per step, with candidate checks, stop strings and streaming."""
+
+    def __init__(self, engine: Engine, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream):
+        self.engine, self.ctx, self.cache, self.next_position = engine, ctx, cache, next_position
+        self.max_new_tokens, self.sampling, self.generator = max_new_tokens, sampling, generator
+        self.stop, self.stream = list(stop), stream
+        self.tokenizer = engine.adapter.tokenizer
+        self.eos = set(engine.adapter.eos_token_ids)
+        self.checkers = engine._with("accept")
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens = choose_tokens(logits, self.sampling, self.generator)
+        for checker in self.checkers:
+            first, masked = tokens, logits.clone()
+            for _ in range(checker.max_candidate_tries):
+                accepted = checker.accept(self.ctx, masked, tokens)
+                if accepted is None or bool(accepted.all()):
+                    break
+                rejected = (~accepted).nonzero().squeeze(-1)
+                masked[rejected, tokens[rejected]] = float("-inf")
+                tokens = torch.where(accepted, tokens, choose_tokens(masked, self.sampling, self.generator))
+            else:
+                tokens = torch.where(accepted, tokens, first)  # every try rejected: fall back to the first candidate
+        return tokens
+
+    def run(self, logits: torch.Tensor) -> list[RowResult]:
+        batch = logits.shape[0]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        texts = [""] * batch
+        active = [True] * batch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        for step in range(self.max_new_tokens):
+            self.ctx.step = step
+            tokens = self.choose(logits)
+            for row in range(batch):
+                if not active[row]:
+                    tokens[row] = pad
+                    continue
+                token = int(tokens[row])
+                generated[row].append(token)
+                if token in self.eos:
+                    active[row] = False
+                    continue
+                if self.stop or self.stream:
+                    text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+                    cut = min((i for s in self.stop if (i := text.find(s)) >= 0), default=-1)
+                    if cut >= 0:
+                        text, active[row] = text[:cut], False
+                    if self.stream and len(text) > len(texts[row]):
+                        self.stream(row, text[len(texts[row]):])
+                    texts[row] = text
+            if not any(active) or step == self.max_new_tokens - 1:
+                break
+            logits = self.engine.decode_step(self.ctx, self.cache, tokens, self.next_position)
+        return [self._result(ids, text) for ids, text in zip(generated, texts)]
+
+    def _result(self, ids: list[int], text: str | None) -> RowResult:
+        if text is None or not self.stop:
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return RowResult(token_ids=ids, text=text.strip())
+
+
+class _BeamDecoder(_TokenDecoder):
+    """Beam search: rows are expanded to ``num_beams`` beams after the prefill; the cache follows the beams."""
+
+    def run(self, logits: torch.Tensor) -> list[RowResult]:
+        if self.sampling.do_sample:
+            raise ConfigError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
+        beams, batch = self.sampling.num_beams, logits.shape[0]
+        self.ctx.num_beams = beams
+        expand = torch.arange(batch, device=logits.device).repeat_interleave(beams)
+        self.cache.reorder(expand)
+        next_position = self.next_position.index_select(0, expand)
+        search = BeamSearch(batch, beams, self.max_new_tokens, sorted(self.eos), self.sampling.length_penalty,
+                            logits.device)
+        logits = logits.index_select(0, expand)
+        for step in range(self.max_new_tokens):
+            self.ctx.step = step
+            parents, tokens = search.step(logits)
+            if search.done:
+                break
+            self.cache.reorder(parents)
+            logits = self.engine.decode_step(self.ctx, self.cache, tokens, next_position)
+        return [self._result(ids, None) for ids in search.best()]
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _and_masks(a, b):
+    if a is None or b is None:
+        return a or b
+    return lambda bi, h, q, k: a(bi, h, q, k) & b(bi, h, q, k)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,153 @@
+"""Every hook point of the vlmkit runtime, in one place.
+
+An *intervention* (a pruner or a decoder) is an object that overrides some of the methods of :class:`Intervention`.
+The runtime calls only the hooks an intervention overrides, so an unused hook costs nothing. One generate call runs
+one pruner and any number of decoders; they are called in that order (pruner first, decoders in the given order).
+
+===========  ==========================================================  ===============================
+hook         called                                                      returns
+===========  ==========================================================  ===============================
+prepare      once per batch, before the prefill (extra passes)           None
+positions    once, on the unpruned sequence (custom, e.g. concentric)     new position ids or None
+select_visual  vision side: once per batch, before the LLM               one :class:`Selection` per image
+attention    before each LLM layer, prefill and decode                   :class:`AttentionRequest` or None
+after_layer  after each LLM layer in the prefill, with the statistics    keep mask ``[B, L]`` or None
+edit_residual  after each LLM layer, prefill and decode                  new hidden states or None
+edit_logits  after each step's logits, with the hidden states it asked   new logits ``[B, V]`` or None
+accept       after the sampler proposed a token                          bool ``[B]`` (accepted) or None
+===========  ==========================================================  ===============================
+
+Positions are never recomputed after pruning: a token that survives keeps the position id (1-D, or 3-D M-RoPE) it had
+in the unpruned sequence, and decoding continues from the unpruned sequence's next position. Dropping tokens after
+layer ``k`` removes them from the hidden states and from the KV cache of every layer after ``k``; layers ``<= k`` keep
+their full cache, so decoding stays consistent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlmkit.kernels.reference import AttentionStats, MaskMod
+
+if TYPE_CHECKING:
+    from vlmkit.models.base import Adapter
+
+
+@dataclass
+class VisualTokens:
+    """One image's visual tokens as the language model would receive them."""
+
+    embeds: torch.Tensor  # [N, D_lm] after the projector / merger
+    grid: tuple[int, int]  # (rows, cols) of the token grid, N == rows * cols
+    image_index: int  # which sample of the batch
+
+
+@dataclass
+class Selection:
+    """The visual tokens of one image that enter the LLM.
+
+    ``keep`` holds sorted indices into the image's ``N`` tokens. ``embeds`` (optional, ``[len(keep), D]``) replaces
+    the kept tokens' embeddings, for methods that merge the dropped tokens into the kept ones. Kept tokens keep their
+    original position ids.
+    """
+
+    keep: torch.Tensor
+    embeds: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionRequest:
+    """What an intervention wants from one layer's attention.
+
+    ``mass_queries`` is a bool/float ``[B, Lq]`` weight over the layer's query rows (use the helpers on
+    :class:`LayerState`); the runtime then hands the per-key mass ``[B, Hq, Lk]`` to ``after_layer``.
+    ``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits. ``mask_mod`` further restricts the causal mask.
+    """
+
+    mass_queries: torch.Tensor | None = None
+    key_bias: torch.Tensor | None = None
+    mask_mod: MaskMod | None = None
+
+
+@dataclass
+class LayerState:
+    """The sequence as it stands at a layer boundary (prefill or one decode step)."""
+
+    hidden: torch.Tensor  # [B, L, D]
+    valid: torch.Tensor  # [B, L] bool: real tokens (False for left padding)
+    is_visual: torch.Tensor  # [B, L] bool
+    positions: torch.Tensor  # [B, L] (1-D) or [3, B, L] (M-RoPE)
+    source_index: torch.Tensor  # [B, L] index of each token in the unpruned, padded prompt (-1 for new padding)
+    key_valid: torch.Tensor | None = None  # [B, Lk] validity of this layer's KV cache, set during the layer walk
+
+    @property
+    def text_after_visual(self) -> torch.Tensor:
+        """[B, L] bool: real text tokens that come after the row's last visual token (the prompt's question)."""
+        index = torch.arange(self.valid.shape[1], device=self.valid.device)
+        last_visual = torch.where(self.is_visual, index, -1).amax(dim=1, keepdim=True)
+        return self.valid & ~self.is_visual & (index > last_visual) & (last_visual >= 0)
+
+    @property
+    def last_token(self) -> torch.Tensor:
+        """[B, L] bool: the last position of each row."""
+        mask = torch.zeros_like(self.valid)
+        mask[:, -1] = True
+        return mask
+
+
+@dataclass
+class GenerationContext:
+    """What every hook sees: the model adapter, the batch, the step, and per-intervention scratch space."""
+
+    adapter: Adapter
+    prompts: list[str]
+    images: list[Any]
+    num_beams: int = 1
+    step: int = -1  # -1 during the prefill, then the index of the token being decoded
+    engine: Any = None  # the runtime Engine, for interventions that run extra passes
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+class Intervention:
+    """Base class of pruners and decoders. Override only the hooks you need; see the module docstring."""
+
+    name: str = "intervention"
+
+    #: layers whose last-position hidden states ``edit_logits`` receives (negative indices count from the end)
+    logit_hidden_layers: tuple[int, ...] = ()
+    #: how many candidates ``accept`` may reject in one step before the runtime keeps the first one
+    max_candidate_tries: int = 1
+
+    def prepare(self, ctx: GenerationContext, inputs: Any) -> None:
+        """Run extra passes before the prefill (``inputs`` is the prepared batch)."""
+
+    def positions(self, ctx: GenerationContext, positions: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor | None:
+        """Replace the position ids of the unpruned sequence."""
+
+    def select_visual(self, ctx: GenerationContext, tokens: list[VisualTokens]) -> list[Selection] | None:
+        """Vision side: choose (or merge) each image's visual tokens before the LLM."""
+
+    def attention(self, ctx: GenerationContext, layer: int, state: LayerState) -> AttentionRequest | None:
+        """Ask for attention statistics, logit biases or a mask at ``layer``."""
+
+    def after_layer(
+        self, ctx: GenerationContext, layer: int, state: LayerState, attention: AttentionStats | None
+    ) -> torch.Tensor | None:
+        """Prefill only: return a bool ``[B, L]`` mask of tokens to keep after ``layer`` (text is always kept)."""
+
+    def edit_residual(self, ctx: GenerationContext, layer: int, state: LayerState) -> torch.Tensor | None:
+        """Return new hidden states ``[B, L, D]`` after ``layer`` (steering)."""
+
+    def edit_logits(
+        self, ctx: GenerationContext, logits: torch.Tensor, hidden_by_layer: dict[int, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Return new next-token logits ``[B, V]``; ``hidden_by_layer`` maps each requested layer to ``[B, D]``."""
+
+    def accept(self, ctx: GenerationContext, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Return a bool ``[B]``: which proposed ``tokens`` to accept. Rejected ones are masked out and redrawn."""
+
+    def overrides(self, hook: str) -> bool:
+        return getattr(type(self), hook) is not getattr(Intervention, hook)
