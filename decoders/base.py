@@ -8,6 +8,3 @@ from vlmkit.runtime.hooks import Intervention
 class Decoder(Intervention):
     """A decoder overrides any of ``prepare``, ``positions``, ``attention``, ``edit_residual``, ``edit_logits`` and
     ``accept``. Every decoder takes a strength option; at strength 0 it must reproduce greedy decoding exactly."""
-
-    #: whether the method supports batch > 1 (the API raises a clear error otherwise)
-    supports_batch: bool = True

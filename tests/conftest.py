@@ -9,8 +9,6 @@ from PIL import Image
 
 from vlmkit.testing import tiny_model
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
-
 
 @pytest.fixture(scope="session")
 def tiny():
@@ -32,7 +30,10 @@ def images() -> list[Image.Image]:
     return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in [(40, 52), (32, 32), (56, 40)]]
 
 
-PROMPTS = ["Describe the image.", "What is on the table in this picture?", "How many dogs are there?"]
+@pytest.fixture(scope="session")
+def prompts() -> list[str]:
+    """Three prompts of different lengths (a batch of them is left-padded)."""
+    return ["Describe the image.", "What is on the table in this picture?", "How many dogs are there?"]
 
 
 @pytest.fixture(autouse=True)

@@ -93,9 +93,9 @@ class VLM:
         if not 0 < top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
         if len(prompts) > 1:
-            for decoder in self.decoders:
-                if not decoder.supports_batch:
-                    raise ConfigError(f"decoder {decoder.name!r} runs one sample at a time; pass a single prompt")
+            for method in self.interventions:
+                if not method.supports_batch:
+                    raise ConfigError(f"{method.name!r} runs one sample at a time; pass a single prompt")
         pil_images = [load_image(image) for image in images]
         batch = self.adapter.prepare(pil_images, list(prompts))
         ctx = GenerationContext(adapter=self.adapter, prompts=list(prompts), images=pil_images)

@@ -89,9 +89,9 @@ class Engine:
 
     def run_layers(
         self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int]
-    ) -> tuple[LayerState, dict[int, torch.Tensor], list[int]]:
-        """Walk every decoder layer once. Returns the final state, requested last-position hidden states, and the
-        number of visual tokens each layer processed (for the stats)."""
+    ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
+        """Walk every decoder layer once. Returns the final state, the requested last-position hidden states and,
+        in the prefill, the number of visual tokens of each row that each layer processed."""
         adapter = self.adapter
         prefill = ctx.step < 0
         pruners = self._with("after_layer") if prefill else []
@@ -100,7 +100,8 @@ class Engine:
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
         for index, layer in enumerate(adapter.layers):
-            visual_counts.append(int(state.is_visual.sum()))
+            if prefill:
+                visual_counts.append(state.is_visual.sum(dim=1))
             key_valid = cache.extend_valid(index, state.valid)
             state.key_valid = key_valid
             call = self._attention_call(ctx, index, state, key_valid)
@@ -201,7 +202,8 @@ class Engine:
         cache = LayeredKVCache(len(self.adapter.layers))
         hidden_layers = self._hidden_layers()
         ctx.step = -1
-        state, collected, visual_per_layer = self.run_layers(ctx, state, cache, hidden_layers)
+        state, collected, visual_counts = self.run_layers(ctx, state, cache, hidden_layers)
+        visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
         logits = self._logits(ctx, state, collected)
         prefill_s = _now(device) - started
 
@@ -212,7 +214,7 @@ class Engine:
             result.stats = {
                 "visual_tokens_in": visual_in[row],
                 "visual_tokens_kept": visual_kept[row],
-                "visual_tokens_by_layer": visual_per_layer,
+                "visual_tokens_by_layer": visual_per_layer[row],
                 "prefill_s": prefill_s,
                 "decode_s": decode_s,
                 "new_tokens": len(result.token_ids),

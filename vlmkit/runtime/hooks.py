@@ -120,6 +120,8 @@ class Intervention:
     logit_hidden_layers: tuple[int, ...] = ()
     #: how many candidates ``accept`` may reject in one step before the runtime keeps the first one
     max_candidate_tries: int = 1
+    #: whether the method handles batch > 1 (the API raises a clear error otherwise)
+    supports_batch: bool = True
 
     def prepare(self, ctx: GenerationContext, inputs: Any) -> None:
         """Run extra passes before the prefill (``inputs`` is the prepared batch)."""
