@@ -1,0 +1,139 @@
+"""The hook points: residual and logit edits, candidate checks, attention statistics; sampling, stops, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.runtime.hooks import AttentionRequest, Intervention
+from vlmkit.testing import FAMILIES
+
+
+class AddToResidual(Intervention):
+    def __init__(self, strength: float, layer: int = 1):
+        self.strength, self.layer = strength, layer
+
+    def edit_residual(self, ctx, layer, state):
+        if layer == self.layer:
+            return state.hidden + self.strength * torch.ones_like(state.hidden)
+
+
+class BanToken(Intervention):
+    """Rejects one token id as a candidate."""
+
+    max_candidate_tries = 5
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def accept(self, ctx, logits, tokens):
+        return tokens != self.token
+
+
+class MaskToken(Intervention):
+    def __init__(self, token: int):
+        self.token = token
+
+    def edit_logits(self, ctx, logits, hidden_by_layer):
+        logits = logits.clone()
+        logits[:, self.token] = float("-inf")
+        return logits
+
+
+class EarlyExitLogits(Intervention):
+    """Replaces the logits with those of an earlier layer's hidden state (DoLa/VISTA-style access)."""
+
+    logit_hidden_layers = (1,)
+
+    def edit_logits(self, ctx, logits, hidden_by_layer):
+        adapter = ctx.adapter
+        return adapter.lm_head(adapter.final_norm(hidden_by_layer[1])).float()
+
+
+def tokens_of(outputs):
+    return [g.token_ids for g in outputs]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_residual_edit(tiny, images, prompts, family):
+    model, processor = tiny(family)
+    greedy = tokens_of(vlmkit.wrap(model, processor).generate(images, prompts, max_new_tokens=8))
+    unchanged = vlmkit.wrap(model, processor, decoders=[AddToResidual(0.0)]).generate(images, prompts, max_new_tokens=8)
+    steered = vlmkit.wrap(model, processor, decoders=[AddToResidual(5.0)]).generate(images, prompts, max_new_tokens=8)
+    assert tokens_of(unchanged) == greedy
+    assert tokens_of(steered) != greedy
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_candidate_rejection_equals_masking(tiny, images, prompts, family):
+    model, processor = tiny(family)
+    greedy = tokens_of(vlmkit.wrap(model, processor).generate(images, prompts, max_new_tokens=8))
+    banned = greedy[0][0]
+    rejected = vlmkit.wrap(model, processor, decoders=[BanToken(banned)]).generate(images, prompts, max_new_tokens=8)
+    masked = vlmkit.wrap(model, processor, decoders=[MaskToken(banned)]).generate(images, prompts, max_new_tokens=8)
+    assert tokens_of(rejected) == tokens_of(masked)
+    assert all(banned not in row for row in tokens_of(rejected))
+
+
+def test_logits_see_intermediate_hidden_states(tiny, images, prompts):
+    model, processor = tiny("llava")
+    greedy = tokens_of(vlmkit.wrap(model, processor).generate(images, prompts, max_new_tokens=6))
+    early = tokens_of(vlmkit.wrap(model, processor, decoders=[EarlyExitLogits()]).generate(images, prompts, max_new_tokens=6))
+    assert early != greedy
+
+
+class MassProbe(Intervention):
+    """Asks for the attention mass of the question tokens at layer 1 and keeps what comes back."""
+
+    def attention(self, ctx, layer, state):
+        if ctx.step < 0 and layer == 1:
+            self.rows = state.text_after_visual
+            self.valid = state.valid
+            return AttentionRequest(mass_queries=self.rows)
+
+    def after_layer(self, ctx, layer, state, attention):
+        if layer == 1:
+            self.mass = attention.key_mass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_mass_statistics(tiny, images, prompts, family):
+    probe = MassProbe()
+    vlmkit.wrap(*tiny(family), decoders=[probe]).generate(images, prompts, max_new_tokens=1)
+    mass, rows, valid = probe.mass, probe.rows, probe.valid
+    assert mass.shape[0] == len(prompts) and mass.shape[2] == valid.shape[1]
+    # every selected query row spreads probability 1 over the keys
+    expected = rows.sum(dim=1, keepdim=True).float().expand(-1, mass.shape[1])
+    torch.testing.assert_close(mass.sum(dim=-1), expected, atol=1e-4, rtol=1e-4)
+    assert torch.all(mass.masked_select(~valid[:, None, :].expand_as(mass)) == 0)  # padding gets nothing
+    assert torch.all(mass >= 0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_sampling_is_seeded(tiny, images, prompts, family):
+    vlm = vlmkit.wrap(*tiny(family))
+    first = vlm.generate(images, prompts, max_new_tokens=8, do_sample=True, seed=7)
+    again = vlm.generate(images, prompts, max_new_tokens=8, do_sample=True, seed=7)
+    other = vlm.generate(images, prompts, max_new_tokens=8, do_sample=True, seed=8)
+    assert tokens_of(first) == tokens_of(again)
+    assert tokens_of(first) != tokens_of(other)
+    greedy = vlm.generate(images, prompts, max_new_tokens=8)
+    top1 = vlm.generate(images, prompts, max_new_tokens=8, do_sample=True, top_k=1, seed=3)
+    nucleus = vlm.generate(images, prompts, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=3)
+    assert tokens_of(top1) == tokens_of(greedy) == tokens_of(nucleus)
+
+
+def test_stop_strings_and_streaming(tiny, images, prompts):
+    vlm = vlmkit.wrap(*tiny("llava"))
+    full = vlm.generate(images[0], prompts[0], max_new_tokens=12)[0]
+    words = full.text.split()
+    assert len(words) >= 4
+    stop = words[3]
+    cut = vlm.generate(images[0], prompts[0], max_new_tokens=12, stop=[stop])[0]
+    assert cut.text == full.text[: full.text.find(stop)].strip()
+    assert len(cut.token_ids) < len(full.token_ids)
+    pieces: list[tuple[int, str]] = []
+    streamed = vlm.generate(images, prompts, max_new_tokens=12, stream=lambda row, text: pieces.append((row, text)))
+    for row, generation in enumerate(streamed):
+        assert "".join(text for r, text in pieces if r == row).strip() == generation.text
