@@ -36,6 +36,13 @@ class LayerAttention:
     def needs_statistics(self) -> bool:
         return self.mass_queries is not None
 
+    def to(self, device: torch.device) -> None:
+        self.key_valid = self.key_valid.to(device)
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias.to(device)
+        if isinstance(self.mass_queries, torch.Tensor):
+            self.mass_queries = self.mass_queries.to(device)
+
 
 def vlmkit_attention(
     module: torch.nn.Module,
@@ -52,6 +59,7 @@ def vlmkit_attention(
     call = vlmkit_attention
     if call is None:
         return _sdpa(query, key, value, _hf_mask(attention_mask, query, key), scaling), None
+    call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
     if call.backend == "reference" or call.needs_statistics or call.mask_mod is not None:
         out, call.stats = attention_reference(
             query, key, value, causal=True, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,

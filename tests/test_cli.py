@@ -34,6 +34,13 @@ def test_generate_from_local_folder(model_dir, image_path, capsys):
     assert result["stats"]["visual_tokens_kept"] == result["stats"]["visual_tokens_in"] // 2
 
 
+def test_load_with_device_map(model_dir, image_path):
+    import vlmkit
+
+    vlm = vlmkit.load(model_dir, device_map="auto", dtype="float32")
+    assert vlm.generate(image_path, "Describe the image.", max_new_tokens=3)[0].stats["new_tokens"] == 3
+
+
 def test_errors_are_one_line(model_dir, image_path, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff garbage")

@@ -114,8 +114,8 @@ class Adapter:
         return outputs, {}
 
     # -- vision side ----------------------------------------------------------------------------------------------
-    def encode_images(self, batch: PreparedBatch) -> list[VisualTokens]:
-        """Vision tower + projector: one :class:`VisualTokens` per image."""
+    def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
+        """Vision tower + projector: one :class:`VisualTokens` per image (``attention`` filled on request)."""
         raise NotImplementedError
 
     # -- positions ------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from vlmkit.models.base import Adapter, PreparedBatch, unpack_features
 from vlmkit.runtime.hooks import VisualTokens
 
@@ -23,15 +25,55 @@ class LlavaAdapter(Adapter):
     def default_prompt(self, text: str) -> str:
         return f"USER: <image>\n{text} ASSISTANT:"
 
-    def encode_images(self, batch: PreparedBatch) -> list[VisualTokens]:
-        output = self.model.model.get_image_features(
-            pixel_values=batch.vision_inputs["pixel_values"].to(self.vision_tower.dtype),
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-        )
+    @property
+    def feature_attention_module(self) -> torch.nn.Module:
+        """The self-attention of the encoder layer whose output LLaVA feeds to the projector."""
+        encoder = getattr(self.vision_tower, "vision_model", self.vision_tower).encoder  # nesting varies by version
+        layers = encoder.layers
+        return layers[self.config.vision_feature_layer % (len(layers) + 1) - 1].self_attn
+
+    def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
+        captured = {}
+
+        def capture(module, args, kwargs):
+            captured["input"] = kwargs.get("hidden_states", args[0] if args else None)
+
+        hook = self.feature_attention_module.register_forward_pre_hook(capture, with_kwargs=True) if with_attention else None
+        try:
+            output = self.model.model.get_image_features(
+                pixel_values=batch.vision_inputs["pixel_values"].to(self.vision_tower.dtype),
+                vision_feature_layer=self.config.vision_feature_layer,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        embeds = unpack_features(output)
+        features = self._selected_features(output, len(embeds))
+        attention = self._cls_attention(captured["input"]) if with_attention else [None] * len(embeds)
         tokens = []
-        for index, embeds in enumerate(unpack_features(output)):
-            side = math.isqrt(embeds.shape[0])
-            grid = (side, side) if side * side == embeds.shape[0] else (1, embeds.shape[0])
-            tokens.append(VisualTokens(embeds=embeds, grid=grid, image_index=index))
+        for index, image_embeds in enumerate(embeds):
+            side = math.isqrt(image_embeds.shape[0])
+            grid = (side, side) if side * side == image_embeds.shape[0] else (1, image_embeds.shape[0])
+            tokens.append(VisualTokens(image_embeds, grid, index, features=features[index], attention=attention[index]))
         return tokens
+
+    def _selected_features(self, output, count: int) -> list[torch.Tensor | None]:
+        hidden_states = getattr(output, "hidden_states", None)
+        if hidden_states is None:
+            return [None] * count
+        selected = hidden_states[self.config.vision_feature_layer]
+        if self.config.vision_feature_select_strategy == "default":
+            selected = selected[:, 1:]
+        return list(selected)
+
+    def _cls_attention(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-head softmax attention of the [CLS] query over the patch keys, ``[B, H, N]`` (float32)."""
+        attention = self.feature_attention_module
+        batch, length, _ = hidden.shape
+        heads = attention.num_heads
+        query = attention.q_proj(hidden[:, :1]).view(batch, 1, heads, -1).transpose(1, 2).float()
+        keys = attention.k_proj(hidden).view(batch, length, heads, -1).transpose(1, 2).float()
+        probs = (query @ keys.transpose(-1, -2) * attention.scale).softmax(dim=-1)
+        patches = probs[:, :, 0, 1:]
+        return patches if self.config.vision_feature_select_strategy == "default" else probs[:, :, 0]

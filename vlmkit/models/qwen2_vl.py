@@ -37,16 +37,34 @@ class Qwen2VLAdapter(Adapter):
         extra = {key: outputs.pop(key) for key in ("mm_token_type_ids",) if key in outputs}
         return outputs, extra
 
-    def encode_images(self, batch: PreparedBatch) -> list[VisualTokens]:
+    def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
+        """Qwen's ViT has no [CLS] token, so ``attention`` stays None."""
         grid_thw = batch.vision_inputs["image_grid_thw"]
         output = self.model.model.get_image_features(
             pixel_values=batch.vision_inputs["pixel_values"], image_grid_thw=grid_thw
         )
+        embeds = unpack_features(output)
+        counts = [e.shape[0] for e in embeds]
+        features = [None] * len(embeds)
+        if (merger_input := getattr(output, "last_hidden_state", None)) is not None:
+            features = self._in_token_order(merger_input.reshape(sum(counts), -1), grid_thw).split(counts)
         tokens = []
-        for index, (embeds, (_, rows, cols)) in enumerate(zip(unpack_features(output), grid_thw.tolist())):
+        for index, (image_embeds, (_, rows, cols)) in enumerate(zip(embeds, grid_thw.tolist())):
             grid = (rows // self.merge_size, cols // self.merge_size)
-            tokens.append(VisualTokens(embeds=embeds, grid=grid, image_index=index))
+            tokens.append(VisualTokens(image_embeds, grid, index, features=features[index]))
         return tokens
+
+    def _in_token_order(self, merger_input: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's window attention runs (and merges) tokens in window order; undo that permutation."""
+        tower = self.vision_tower
+        if not hasattr(tower, "window_size"):
+            return merger_input
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            grid_thw, spatial_merge_size=self.merge_size, window_size=tower.window_size, patch_size=tower.patch_size
+        )
+        return merger_input[torch.argsort(window_index)]
 
     def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE ids ``[3, B, L]`` from the model's own ``get_rope_index``, on the unpruned sequence."""

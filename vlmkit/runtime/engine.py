@@ -143,9 +143,10 @@ class Engine:
         """Embed text and images, apply the vision-side pruner, and pack the sequence."""
         hidden = self.adapter.embed_tokens(batch.input_ids)
         keep = batch.attention_mask.bool().clone()
-        visual = self.adapter.encode_images(batch)
+        selectors = self._with("select_visual")
+        visual = self.adapter.encode_images(batch, any(p.needs_vision_attention for p in selectors))
         selections: list[Selection | None] = [None] * len(visual)
-        for pruner in self._with("select_visual"):
+        for pruner in selectors:
             selections = pruner.select_visual(ctx, visual) or selections
         for row, (tokens, selection) in enumerate(zip(visual, selections)):
             slots = batch.is_visual[row].nonzero().squeeze(-1)

@@ -38,11 +38,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class VisualTokens:
-    """One image's visual tokens as the language model would receive them."""
+    """One image's visual tokens as the language model would receive them, plus what the vision side knows.
+
+    ``features`` is the projector's input, one row per token: the vision encoder's selected layer for LLaVA
+    ``[N, D_v]``; for Qwen the merger's input regrouped per merged token ``[N, merge**2 * D_v]``.
+    ``attention`` (only when the pruner sets ``needs_vision_attention``) is the [CLS] -> patch attention of the
+    encoder layer that produced the features, per head ``[H_v, N]``; None for encoders without a [CLS] token.
+    """
 
     embeds: torch.Tensor  # [N, D_lm] after the projector / merger
     grid: tuple[int, int]  # (rows, cols) of the token grid, N == rows * cols
     image_index: int  # which sample of the batch
+    features: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,6 +130,8 @@ class Intervention:
     max_candidate_tries: int = 1
     #: whether the method handles batch > 1 (the API raises a clear error otherwise)
     supports_batch: bool = True
+    #: whether ``select_visual`` needs ``VisualTokens.attention`` (costs one extra projection in the vision tower)
+    needs_vision_attention: bool = False
 
     def prepare(self, ctx: GenerationContext, inputs: Any) -> None:
         """Run extra passes before the prefill (``inputs`` is the prepared batch)."""

@@ -1,0 +1,74 @@
+"""What adapters expose: visual spans, prompts, vision features and attention, projector access."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.runtime.hooks import VisualTokens
+from vlmkit.testing import FAMILIES
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visual_tokens_and_features(tiny, images, prompts, family):
+    vlm = vlmkit.wrap(*tiny(family))
+    adapter = vlm.adapter
+    batch = adapter.prepare(images, prompts)
+    tokens = adapter.encode_images(batch, with_attention=True)
+    assert [t.embeds.shape[0] for t in tokens] == batch.is_visual.sum(dim=1).tolist()
+    for image in tokens:
+        rows, cols = image.grid
+        assert rows * cols == image.embeds.shape[0]
+        assert image.features is not None and image.features.shape[0] == image.embeds.shape[0]
+    if family == "llava":
+        # the projector maps the features to exactly the embeddings the LM receives
+        torch.testing.assert_close(adapter.projector(tokens[0].features), tokens[0].embeds)
+        attention = tokens[0].attention
+        assert attention.shape == (adapter.vision_tower.config.num_attention_heads, tokens[0].embeds.shape[0])
+        assert torch.all(attention > 0) and torch.all(attention.sum(-1) < 1)  # [CLS] keeps some mass on itself
+    else:
+        assert tokens[0].attention is None
+        features, merger = tokens[0].features, adapter.projector
+        patches = features.reshape(-1, features.shape[-1] // adapter.merge_size**2)
+        merged = merger.mlp(merger.ln_q(patches).view(features.shape[0], -1))
+        torch.testing.assert_close(merged, tokens[0].embeds)
+
+
+def test_cls_attention_matches_eager_vision_attention(tiny, images, prompts):
+    """The [CLS] attention the adapter computes equals the vision tower's own eager attention weights."""
+    model, processor = tiny("llava")
+    adapter = vlmkit.wrap(model, processor).adapter
+    batch = adapter.prepare(images[:1], prompts[:1])
+    ours = adapter.encode_images(batch, with_attention=True)[0].attention
+    tower = adapter.vision_tower
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        output = tower(batch.vision_inputs["pixel_values"], output_attentions=True)
+    finally:
+        tower.set_attn_implementation(previous)
+    layer = model.config.vision_feature_layer % (len(output.attentions) + 1) - 1
+    torch.testing.assert_close(ours, output.attentions[layer][0, :, 0, 1:].float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_contains_one_image_placeholder(tiny, family):
+    adapter = vlmkit.wrap(*tiny(family)).adapter
+    prompt = adapter.build_prompt("What is this?")
+    assert "What is this?" in prompt
+    ids = adapter.tokenizer(prompt)["input_ids"]
+    assert ids.count(adapter.image_token_id) == 1
+
+
+def test_vision_attention_reaches_pruners(tiny, images, prompts):
+    seen = {}
+
+    class Probe(vlmkit.pruners.Pruner):
+        needs_vision_attention = True
+
+        def select_visual(self, ctx, tokens: list[VisualTokens]):
+            seen["attention"] = [t.attention for t in tokens]
+
+    vlmkit.wrap(*tiny("llava"), pruner=Probe(keep=4)).generate(images, prompts, max_new_tokens=1)
+    assert len(seen["attention"]) == 3 and all(a is not None for a in seen["attention"])
