@@ -137,3 +137,28 @@ def test_stop_strings_and_streaming(tiny, images, prompts):
     streamed = vlm.generate(images, prompts, max_new_tokens=12, stream=lambda row, text: pieces.append((row, text)))
     for row, generation in enumerate(streamed):
         assert "".join(text for r, text in pieces if r == row).strip() == generation.text
+
+
+class GradientCheck(Intervention):
+    """A candidate check that runs its own forward and backward pass (as saliency-guided sampling does)."""
+
+    def accept(self, ctx, logits, tokens):
+        with torch.enable_grad():
+            embeds = ctx.adapter.embed_tokens(tokens[:, None]).detach().requires_grad_(True)
+            layer = ctx.adapter.layers[0]
+            positions = torch.zeros(tokens.shape[0], 1, dtype=torch.long)
+            if ctx.adapter.family == "qwen2_vl":
+                positions = positions[None].expand(3, -1, -1)
+            hidden = layer(embeds, attention_mask=None, position_embeddings=ctx.adapter.rotary(embeds, positions))
+            hidden.square().sum().backward()
+        self.gradient_norm = float(embeds.grad.norm())
+        return torch.ones_like(tokens, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_candidate_hook_can_run_backward_passes(tiny, images, prompts, family):
+    check = GradientCheck()
+    vlm = vlmkit.wrap(*tiny(family), decoders=[check])
+    greedy = vlmkit.wrap(*tiny(family)).generate(images, prompts, max_new_tokens=4)
+    assert tokens_of(vlm.generate(images, prompts, max_new_tokens=4)) == tokens_of(greedy)
+    assert check.gradient_norm > 0

@@ -176,7 +176,7 @@ class Engine:
         return self.compact(state, keep), next_position, visual_in
 
     # -- generate -------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: hooks may run their own passes with gradients (``torch.enable_grad``)
     def generate(
         self,
         ctx: GenerationContext,
