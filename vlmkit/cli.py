@@ -1,4 +1,4 @@
-"""The ``vlmkit`` command line. Subcommands: ``generate``, ``tiny`` (and those other areas add in SUBCOMMANDS)."""
+"""The ``vlmkit`` command line: ``generate``, ``tiny``, ``world`` (each module in SUBCOMMANDS adds its own)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from vlmkit.errors import VlmkitError
 
 #: modules that each define ``add_parser(subparsers)``; the parser's ``func(args) -> int`` runs the command
-SUBCOMMANDS = ("vlmkit.cli",)
+SUBCOMMANDS = ("vlmkit.cli", "vlmkit.world.cli")
 
 
 def add_parser(subparsers) -> None:
