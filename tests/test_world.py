@@ -54,3 +54,17 @@ def test_build_writes_coco_files(tmp_path, capsys):
     assert len(coco.getAnnIds()) == objects
     captions = json.loads((tmp_path / "captions_val.json").read_text())
     assert len(captions["annotations"]) == 6
+
+
+def test_training_smoke_and_loading_path(tmp_path):
+    """Two optimiser steps of the training loop on a micro model; the checkpoint loads like a hub model."""
+    import vlmkit
+    from vlmkit.world.train import TrainConfig, train
+
+    out = train(TrainConfig(model="world-micro", steps=2, batch_size=2, workers=0, log_every=1), tmp_path / "ckpt",
+                device="cpu")
+    log = json.loads((out / "training.json").read_text())["log"]
+    assert [entry["step"] for entry in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
+    vlm = vlmkit.load(out, device="cpu", dtype="float32")
+    generation = vlm.generate(render(sample_scene(0, 0)), "Describe the image in detail.", max_new_tokens=3)[0]
+    assert generation.stats["visual_tokens_in"] == 576

@@ -1,4 +1,4 @@
-"""``vlmkit world build --out DIR --n N --seed S [--split val]``."""
+"""``vlmkit world build --out DIR --n N --seed S`` and ``vlmkit world train --model world-tiny --out DIR``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,17 @@ def add_parser(subparsers) -> None:
     build.add_argument("--split", choices=["train", "val", "test"], default="val")
     build.set_defaults(func=run_build)
 
+    train = commands.add_parser("train", help="train a built-in world model (GPU)")
+    train.add_argument("--model", default="world-tiny", help="size: world-tiny, world-small")
+    train.add_argument("--out", required=True, help="output folder for the checkpoint")
+    train.add_argument("--steps", type=int, default=6000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--workers", type=int, default=8)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device")
+    train.set_defaults(func=run_train)
+
 
 def run_build(args: argparse.Namespace) -> int:
     from vlmkit.errors import ConfigError
@@ -24,4 +35,18 @@ def run_build(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be at least 1, got {args.n}")
     out = build(args.out, args.n, seed=args.seed, split=args.split)
     print(f"wrote {args.n} {args.split} images with COCO instances and captions to {out}")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vlmkit.errors import ConfigError
+    from vlmkit.world.model import SIZES
+    from vlmkit.world.train import TrainConfig, train
+
+    if args.model not in SIZES:
+        raise ConfigError(f"unknown world model size {args.model!r}; choose one of {', '.join(SIZES)}")
+    config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         workers=args.workers, seed=args.seed)
+    out = train(config, args.out, device=args.device)
+    print(f"saved {args.model} to {out}")
     return 0

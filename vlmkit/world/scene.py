@@ -13,6 +13,10 @@ SIZES = {"small": (26, 44), "medium": (48, 80), "large": (84, 128)}  # glyph sid
 #: probability that a scene also holds one object from outside its scene type
 STRAY_PROBABILITY = 0.25
 MAX_OVERLAP = 0.35  # a new object may cover at most this fraction of an earlier one (occlusion)
+REGIONS = tuple(
+    f"at the {row} {col}" if row and col else f"{'on' if col else 'at'} the {row or col}" if row or col else "in the center"
+    for row in ("top", "", "bottom") for col in ("left", "", "right")
+)
 
 
 @dataclass
@@ -31,13 +35,7 @@ class WorldObject:
     def region(self) -> str:
         """Where the object sits, as caption words: "on the left", "at the top right", "in the center"."""
         cx, cy = self.center
-        col = ("left", "", "right")[min(2, int(3 * cx / IMAGE_SIZE))]
-        row = ("top", "", "bottom")[min(2, int(3 * cy / IMAGE_SIZE))]
-        if row and col:
-            return f"at the {row} {col}"
-        if row or col:
-            return f"{'on' if col else 'at'} the {row or col}"
-        return "in the center"
+        return REGIONS[3 * min(2, int(3 * cy / IMAGE_SIZE)) + min(2, int(3 * cx / IMAGE_SIZE))]
 
 
 @dataclass

@@ -1,0 +1,277 @@
+"""Fused attention forward with attention statistics, in Triton: ``attention(q, k, v, ...) -> (out, stats)``.
+
+Same function as :func:`vlmkit.kernels.attention_reference` (same arguments, conventions and results, see
+``reference.py``), computed FlashAttention-style so that the ``[Lq, Lk]`` attention matrix never exists in memory.
+The kernels are in ``attention_kernels.py``; this module chooses their layout and launches them.
+
+Algorithm
+---------
+1. **Forward** (``attention_fwd_kernel``). A program takes a block of query rows and streams K/V in blocks, keeping
+   the running row maximum, the running softmax denominator and the unnormalised output in registers (online
+   softmax). It writes the output and the row log-sum-exp (LSE). GQA/MQA: a query head reads KV head
+   ``h // (Hq / Hkv)``; K/V are never expanded. Two row layouts:
+
+   * *prefill* (``Lq > 16``): ``BLOCK_M`` consecutive queries of one head per program. Causal programs stop at their
+     last row's diagonal, and only the blocks that cross the diagonal pay for element-wise causal masking.
+   * *few queries* (decode, ``Lq <= 16``): the rows of all query heads of a GQA group are packed into one block, so
+     each K/V tile is loaded once for the group, and the keys are split over several programs (split-KV, as in
+     Flash-Decoding) so that a single decode step fills the GPU. Each split writes a partial output and LSE;
+     ``combine_splits_kernel`` merges them.
+
+2. **Key mass** (``key_mass_kernel``, only when ``mass_queries`` is given). The transpose of pass 1: a program owns a
+   block of keys and loops over the selected query rows, recomputing ``p = exp(q·k·scale + bias - lse)`` with pass
+   1's LSE and summing it (times the row weight) over rows. Memory stays linear in the sequence length, each key's
+   sum is owned by one program (no atomics, deterministic), and query blocks of zero weight are skipped, so a
+   64-query span costs one extra pass over 64 rows.
+
+Masks
+-----
+Logits are masked by causality (bottom-right aligned), ``key_valid`` (``[B, Lk]``, e.g. left padding; or
+``key_lens``, the number of real keys at the end of each row) and ``mask_mod``. A Python callable cannot run in a
+kernel, so ``mask_mod`` must be a :class:`~vlmkit.kernels.masks.TritonMask`: a torch implementation (what the
+reference calls) and a ``triton.jit`` function of ``(b, h, q_idx, kv_idx, params)`` that is compiled into the kernel
+as a ``tl.constexpr``, FlexAttention-style; :func:`~vlmkit.kernels.masks.concentric_causal_mask` (CCA) is built in.
+``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits. Rows with no allowed key give output 0 and LSE -inf.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlmkit.kernels.masks import TritonMask
+from vlmkit.kernels.reference import AttentionStats
+
+FEW_QUERIES = 16  # up to this many query rows: packed GQA rows and split-KV (decode, short chunks)
+MIN_KEYS_PER_SPLIT = 256
+MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Block shapes by (device kind, bytes per element). Chosen on an H100 (see benchmarks/attention.py --sweep); the
+# interpreter (CPU) uses small blocks so that the tests cover several blocks, both loop stages and ragged ends.
+PREFILL_CONFIGS = {
+    ("cuda", 2): KernelConfig(128, 64, 8, 3),
+    ("cuda", 4): KernelConfig(64, 32, 4, 2),
+    ("cpu", 2): KernelConfig(16, 16, 1, 1),
+    ("cpu", 4): KernelConfig(16, 16, 1, 1),
+}
+DECODE_BLOCK_N = {"cuda": 64, "cpu": 16}
+KEY_MASS_CONFIGS = {"cuda": KernelConfig(64, 64, 4, 2), "cpu": KernelConfig(16, 16, 1, 1)}
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_bias: torch.Tensor | None = None,
+    mask_mod: TritonMask | None = None,
+    key_valid: torch.Tensor | None = None,
+    key_lens: torch.Tensor | None = None,
+    mass_queries: tuple[int, int] | torch.Tensor | None = None,
+    mass_keys: tuple[int, int] | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Attention with statistics; arguments and results as in :func:`~vlmkit.kernels.attention_reference`.
+
+    ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` (bf16, fp16 or fp32; D up to 128, padded to a power of two)
+    give ``out [B, Lq, Hq, D]`` (written into ``out`` when given) and ``AttentionStats(lse [B, Hq, Lq],
+    key_mass [B, Hq, ke - ks] or None)``. Extra to the reference: ``key_lens [B]`` (real keys per row, left padded;
+    combined with ``key_valid``) and ``num_splits`` (split-KV count for the few-queries path; default by SM count).
+    """
+    from vlmkit.kernels import attention_kernels as kernels  # compiled on first use: `import vlmkit` needs no Triton
+
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    _check_inputs(q, k, v, mask_mod)
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
+    kind = "cuda" if q.is_cuda else "cpu"
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    # Products: full fp32 for fp32 inputs; bf16 in the CPU interpreter upcasts (see attention_kernels._dot).
+    precision = "ieee" if q.dtype == torch.float32 else "upcast" if kind == "cpu" and q.dtype == torch.bfloat16 \
+        else "tf32"
+
+    if key_lens is not None:
+        from_lens = torch.arange(k_len, device=q.device) >= (k_len - key_lens.to(q.device)).view(-1, 1)
+        key_valid = from_lens if key_valid is None else key_valid.bool() & from_lens
+    masks = _MaskArgs.build(q, key_valid, key_bias, mask_mod, batch, q_heads, k_len)
+    if out is None:
+        out = torch.empty(batch, q_len, q_heads, head_dim, device=q.device, dtype=q.dtype)
+    elif out.shape != (batch, q_len, q_heads, head_dim) or out.dtype != q.dtype:
+        raise ValueError(f"out must be {(batch, q_len, q_heads, head_dim)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
+
+    # Row layout: packed GQA groups with split-KV for few queries, one head per program otherwise.
+    packed = q_len <= FEW_QUERIES
+    if packed:
+        rows = group * q_len
+        block_n = DECODE_BLOCK_N[kind]
+        block_m = min(128, max(16, 1 << (rows - 1).bit_length()))
+        config = KernelConfig(block_m, block_n, 4, 3) if kind == "cuda" else KernelConfig(block_m, block_n, 1, 1)
+        heads_axis = kv_heads
+    else:
+        rows = q_len
+        config = PREFILL_CONFIGS[(kind, q.element_size())]
+        heads_axis = q_heads
+    row_blocks = _cdiv(rows, config.block_m)
+    if num_splits is None:
+        num_splits = _auto_splits(batch * heads_axis * row_blocks, k_len, q.device) if packed else 1
+    keys_per_split = _cdiv(_cdiv(k_len, num_splits), config.block_n) * config.block_n
+    num_splits = _cdiv(k_len, keys_per_split)
+
+    if num_splits == 1:  # the forward writes the final tensors
+        dst, dst_lse = out, lse
+        o_strides = (out.stride(0), out.stride(2), out.stride(1), 0, out.stride(3))
+        l_strides = (lse.stride(0), lse.stride(1), lse.stride(2), 0)
+    else:  # partial results [B, Hq, S, Lq, D] and [B, Hq, S, Lq], merged below
+        dst = torch.empty(batch, q_heads, num_splits, q_len, head_dim, device=q.device, dtype=torch.float32)
+        dst_lse = torch.empty(batch, q_heads, num_splits, q_len, device=q.device, dtype=torch.float32)
+        o_strides = (dst.stride(0), dst.stride(1), dst.stride(3), dst.stride(2), dst.stride(4))
+        l_strides = (dst_lse.stride(0), dst_lse.stride(1), dst_lse.stride(3), dst_lse.stride(2))
+
+    kernels.attention_fwd_kernel[(row_blocks, batch * heads_axis, num_splits)](
+        q, k, v, dst, dst_lse, masks.valid, masks.bias, masks.params,
+        *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides,
+        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.params_stride,
+        q_heads, q_len, k_len, keys_per_split, qk_scale,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        PACK_GROUP=packed, CAUSAL=causal, HAS_VALID=masks.has_valid, HAS_BIAS=masks.has_bias,
+        HAS_MASK=masks.fn is not None, MASK_FN=masks.fn, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        kernels.combine_splits_kernel[(batch * q_heads * q_len,)](
+            dst, dst_lse, out, lse,
+            dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3),
+            dst_lse.stride(0), dst_lse.stride(1), dst_lse.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            q_heads, q_len, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
+            num_warps=4 if kind == "cuda" else 1,
+        )
+
+    key_mass = None
+    if mass_queries is not None:
+        key_mass = _key_mass(kernels, q, k, lse, masks, mass_queries, mass_keys, causal, qk_scale, group,
+                             block_d, precision, kind)
+    return out, AttentionStats(lse=lse, key_mass=key_mass)
+
+
+def _key_mass(kernels, q, k, lse, masks, mass_queries, mass_keys, causal, qk_scale, group, block_d, precision, kind):
+    """Pass 2: per-key probability mass summed over the selected query rows (see the module docstring)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    k_len = k.shape[2]
+    key_start, key_end, _ = slice(*(mass_keys or (0, k_len))).indices(k_len)
+    key_end = max(key_start, key_end)
+    if isinstance(mass_queries, torch.Tensor):
+        weights = torch.broadcast_to(mass_queries.to(device=q.device, dtype=torch.float32), (batch, q_len))
+        q_start, q_end, w_strides = 0, q_len, weights.stride()
+    else:
+        q_start, q_end, _ = slice(*mass_queries).indices(q_len)
+        weights, w_strides = lse, (0, 0)  # unused: rows q_start..q_end weigh 1
+    key_mass = torch.empty(batch, q_heads, key_end - key_start, device=q.device, dtype=torch.float32)
+    if key_end == key_start:
+        return key_mass
+    config = KEY_MASS_CONFIGS[kind]
+    kernels.key_mass_kernel[(_cdiv(key_end - key_start, config.block_n), batch * q_heads)](
+        q, k, lse, weights, masks.valid, masks.bias, masks.params, key_mass,
+        *q.stride(), *k.stride(), *w_strides,
+        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.params_stride,
+        q_heads, q_len, k_len, q_start, q_end, key_start, key_end, qk_scale,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        CAUSAL=causal, HAS_WEIGHTS=isinstance(mass_queries, torch.Tensor), HAS_VALID=masks.has_valid,
+        HAS_BIAS=masks.has_bias, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn, PRECISION=precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return key_mass
+
+
+@dataclass
+class _MaskArgs:
+    """The optional mask inputs as kernel arguments (a broadcast dimension gets stride 0; absent inputs pass a dummy
+    pointer that the kernel never reads)."""
+
+    valid: torch.Tensor
+    valid_stride: int
+    has_valid: bool
+    bias: torch.Tensor
+    bias_stride_b: int
+    bias_stride_h: int
+    has_bias: bool
+    params: torch.Tensor
+    params_stride: int
+    fn: object
+
+    @classmethod
+    def build(cls, q, key_valid, key_bias, mask_mod, batch, q_heads, k_len) -> _MaskArgs:
+        valid, valid_stride = q, 0
+        if key_valid is not None:
+            if key_valid.shape[-1] != k_len or key_valid.shape[0] not in (1, batch):
+                raise ValueError(f"key_valid must be [B or 1, {k_len}], got {tuple(key_valid.shape)}")
+            valid = key_valid.to(device=q.device, dtype=torch.bool).reshape(-1, k_len).contiguous().view(torch.uint8)
+            valid_stride = k_len if valid.shape[0] > 1 else 0
+        bias, bias_b, bias_h = q, 0, 0
+        if key_bias is not None:
+            if key_bias.dim() != 3 or key_bias.shape[0] not in (1, batch) or key_bias.shape[1] not in (1, q_heads) \
+                    or key_bias.shape[2] != k_len:
+                raise ValueError(f"key_bias must be [B or 1, Hq or 1, {k_len}], got {tuple(key_bias.shape)}")
+            bias = key_bias.to(q.device).contiguous()
+            bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
+            bias_h = bias.stride(1) if bias.shape[1] > 1 else 0
+        params, params_stride, fn = q, 0, None
+        if mask_mod is not None:
+            params = mask_mod.params.to(device=q.device, dtype=torch.int32).contiguous()
+            params_stride = params.shape[1] if params.shape[0] > 1 else 0
+            fn = mask_mod.jit_function()
+        return cls(valid, valid_stride, key_valid is not None, bias, bias_b, bias_h, key_bias is not None,
+                   params, params_stride, fn)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"expected q [B, Hq, Lq, D] and k, v [B, Hkv, Lk, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one of float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[3] > MAX_HEAD_DIM or q.shape[3] % 8:
+        raise ValueError(f"head dim must be a multiple of 8 up to {MAX_HEAD_DIM}, got {q.shape[3]}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError("empty query or key sequence")
+    if mask_mod is not None and not isinstance(mask_mod, TritonMask):
+        raise TypeError("the Triton kernel needs mask_mod as a vlmkit.kernels.masks.TritonMask (a plain callable "
+                        "cannot run inside the kernel); use attention_reference for arbitrary callables")
+
+
+def _auto_splits(programs: int, k_len: int, device: torch.device) -> int:
+    """Enough key splits for about two waves of programs, with at least MIN_KEYS_PER_SPLIT keys each."""
+    if device.type != "cuda":
+        return 1
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(_cdiv(target, programs), k_len // MIN_KEYS_PER_SPLIT))
+
+
+@functools.lru_cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

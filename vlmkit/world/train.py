@@ -1,0 +1,130 @@
+"""Training the built-in world models (``vlmkit world train``). Runs on a GPU; the same code runs a few steps on a
+CPU for smoke tests. Scenes are drawn fresh for every sample from the ``train`` split, so there is no fixed dataset
+to ship; held-out evaluation uses the ``val`` split, whose image ids never occur in training."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlmkit.world.model import world_model, world_processor, world_tokenizer
+from vlmkit.world.render import render
+from vlmkit.world.scene import sample_scene
+from vlmkit.world.tasks import training_sample
+
+TRAIN_IMAGE_IDS = 5_000_000  # the train split's id range: [0, 5e6)
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    model: str = "world-tiny"
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.05
+    seed: int = 0
+    world_seed: int = 0
+    workers: int = 8
+    log_every: int = 50
+
+
+class WorldStream(IterableDataset):
+    """An endless stream of (input_ids, labels, pixel_values) from freshly drawn train scenes."""
+
+    def __init__(self, processor, config: TrainConfig):
+        self.processor, self.config = processor, config
+
+    def __iter__(self):
+        worker = get_worker_info()
+        rng = np.random.default_rng([self.config.seed, worker.id if worker else 0])
+        tokenizer = self.processor.tokenizer
+        while True:
+            scene = sample_scene(int(rng.integers(TRAIN_IMAGE_IDS)), self.config.world_seed)
+            sample = training_sample(scene, rng)
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            encoded = self.processor(images=render(scene), text=prompt, return_tensors="pt")
+            answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt_ids = encoded["input_ids"][0].tolist()
+            yield {
+                "input_ids": torch.tensor(prompt_ids + answer),
+                "labels": torch.tensor([IGNORE] * len(prompt_ids) + answer),
+                "pixel_values": encoded["pixel_values"][0],
+            }
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(item["input_ids"].shape[0] for item in batch)
+    input_ids = torch.full((len(batch), length), pad_id)
+    labels = torch.full((len(batch), length), IGNORE)
+    attention_mask = torch.zeros(len(batch), length, dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = item["input_ids"].shape[0]
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+
+
+def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Path:
+    """Train a world model and save it (bf16 safetensors, shards of at most 15 MB) with its processor to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(config.seed)
+    tokenizer = world_tokenizer()
+    processor = world_processor(tokenizer)
+    model = world_model(config.model, tokenizer).to(device).train()
+    loader = DataLoader(
+        WorldStream(processor, config), batch_size=config.batch_size, num_workers=config.workers,
+        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id), persistent_workers=config.workers > 0,
+    )
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98),
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    started, log = time.time(), []
+    for step, batch in enumerate(loader, start=1):
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == config.steps:
+            entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
+                     "seconds": round(time.time() - started, 1)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if step >= config.steps:
+            break
+    model.eval().to(torch.bfloat16).save_pretrained(out, max_shard_size="15MB")
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps({"config": asdict(config), "device": _device_name(device),
+                                                   "torch": torch.__version__, "log": log}, indent=1))
+    return out
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
