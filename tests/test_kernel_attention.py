@@ -1,0 +1,205 @@
+"""The Triton attention kernel against the float64 reference, feature by feature.
+
+Without a GPU the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET`` is switched on only while the kernel
+module is imported (Triton reads it when it decorates the kernels), so it does not leak into other tests. With a GPU
+the same tests run the compiled kernels. Every call writes into a NaN-poisoned output buffer, and every case draws
+fresh random inputs from its own seed.
+"""
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+if not ON_GPU:
+    if "vlmkit.kernels.attention_kernels" in sys.modules:
+        raise RuntimeError("vlmkit.kernels.attention_kernels was imported before this module could switch on "
+                           "TRITON_INTERPRET; its kernels cannot run on the CPU")
+    _previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        importlib.import_module("vlmkit.kernels.attention_kernels")
+    finally:
+        if _previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _previous
+
+from vlmkit.kernels import attention, attention_reference  # noqa: E402
+from vlmkit.kernels.masks import concentric_causal_mask  # noqa: E402
+from vlmkit.kernels.reference import allowed_mask  # noqa: E402
+
+# (elementwise atol/rtol on the output, bound on ‖out - ref‖ / ‖ref‖)
+TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.float16: (3e-3, 2e-3), torch.bfloat16: (3e-2, 1.5e-2)}
+
+
+def _inputs(seed, batch, q_heads, kv_heads, q_len, k_len, dim, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_heads, q_len, dim, generator=gen)
+    k = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
+    v = torch.randn(batch, kv_heads, k_len, dim, generator=gen)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)], gen
+
+
+def _check(q, k, v, num_splits=None, **kwargs):
+    """Run the kernel into a poisoned buffer and compare out, LSE and key mass with the float64 reference."""
+    batch, q_heads, q_len, dim = q.shape
+    out = torch.full((batch, q_len, q_heads, dim), float("nan"), device=q.device, dtype=q.dtype)
+    got, stats = attention(q, k, v, out=out, num_splits=num_splits, **kwargs)
+    ref, ref_stats = attention_reference(q, k, v, compute_dtype=torch.float64, **kwargs)
+    assert got.data_ptr() == out.data_ptr()
+    assert not got.isnan().any(), "output elements left unwritten (still NaN)"
+    atol, rel_bound = TOLERANCE[q.dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=atol)
+    rel = (got.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-12)
+    assert rel < rel_bound, f"relative error {rel:.2e} over {rel_bound:.0e}"
+    assert not stats.lse.isnan().any()
+    torch.testing.assert_close(stats.lse, ref_stats.lse, atol=2e-4, rtol=1e-5)
+    if ref_stats.key_mass is None:
+        assert stats.key_mass is None
+    else:
+        torch.testing.assert_close(stats.key_mass, ref_stats.key_mass, atol=2e-5, rtol=1e-4)
+    return got, stats
+
+
+@pytest.mark.parametrize(
+    "seed, dtype, dim, q_heads, kv_heads, causal",
+    [
+        (1, torch.bfloat16, 64, 4, 2, True),
+        (2, torch.float16, 80, 4, 1, True),  # MQA, D padded to 128
+        (3, torch.float32, 96, 2, 2, False),  # D padded to 128
+        (4, torch.bfloat16, 128, 4, 4, True),
+    ],
+)
+def test_prefill(seed, dtype, dim, q_heads, kv_heads, causal):
+    (q, k, v), _ = _inputs(seed, 2, q_heads, kv_heads, 40, 40, dim, dtype)
+    _check(q, k, v, causal=causal)
+
+
+def test_prefill_queries_are_the_last_keys():
+    """Lq < Lk (a prefill chunk after cached keys): bottom-right causal alignment, ragged last blocks."""
+    (q, k, v), _ = _inputs(5, 1, 2, 2, 27, 61, 64, torch.float16)
+    _check(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize(
+    "seed, dtype, q_len, q_heads, kv_heads, num_splits",
+    [
+        (11, torch.bfloat16, 1, 4, 1, 1),
+        (12, torch.float16, 1, 4, 2, 3),  # split-KV: 3 splits merged by the combine kernel
+        (13, torch.bfloat16, 3, 4, 2, 4),  # a few queries of two packed heads, each split ragged
+        (14, torch.float32, 2, 2, 2, 2),
+    ],
+)
+def test_decode_split_kv(seed, dtype, q_len, q_heads, kv_heads, num_splits):
+    (q, k, v), _ = _inputs(seed, 2, q_heads, kv_heads, q_len, 64, 128 if dtype != torch.float32 else 64, dtype)
+    key_valid = torch.ones(2, 64, dtype=torch.bool, device=DEVICE)
+    key_valid[1, :19] = False  # left padding in row 1
+    _check(q, k, v, key_valid=key_valid, num_splits=num_splits)
+
+
+def test_split_kv_changes_nothing_but_rounding():
+    (q, k, v), _ = _inputs(15, 1, 4, 2, 1, 64, 64, torch.float32)
+    one, stats_one = attention(q, k, v, num_splits=1)
+    four, stats_four = attention(q, k, v, num_splits=4)
+    torch.testing.assert_close(one, four, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats_one.lse, stats_four.lse, atol=1e-6, rtol=1e-6)
+
+
+def test_left_padding_rows_and_key_lens():
+    """Left-padded rows: padding queries see no key (output 0, LSE -inf); key_lens is the same as key_valid."""
+    (q, k, v), _ = _inputs(21, 2, 2, 1, 48, 48, 64, torch.bfloat16)
+    lens = torch.tensor([48, 29], device=DEVICE)
+    key_valid = torch.arange(48, device=DEVICE) >= (48 - lens).view(2, 1)
+    out, stats = _check(q, k, v, key_valid=key_valid)
+    assert (out[1, :19] == 0).all() and torch.isneginf(stats.lse[1, :, :19]).all()
+    assert torch.isfinite(stats.lse[1, :, 19:]).all()
+    out_lens, stats_lens = attention(q, k, v, key_lens=lens)
+    torch.testing.assert_close(out_lens, out, atol=0, rtol=0)
+    torch.testing.assert_close(stats_lens.lse, stats.lse, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 4, 40), (1, 1, 40), (2, 1, 40)])
+def test_key_bias(bias_shape):
+    (q, k, v), gen = _inputs(31 + bias_shape[0] + bias_shape[1], 2, 4, 2, 40, 40, 64, torch.float16)
+    bias = (3 * torch.randn(bias_shape, generator=gen)).to(DEVICE)
+    bias[..., 5] = float("-inf")  # a key removed by its bias
+    _check(q, k, v, key_bias=bias)
+
+
+def test_key_mass_query_span_and_key_span():
+    """Mass of queries 9..33 on keys 4..29 (an image block), with GQA, padding and a bias."""
+    (q, k, v), gen = _inputs(41, 2, 4, 2, 40, 40, 64, torch.bfloat16)
+    key_valid = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    key_valid[0, :3] = False
+    bias = torch.randn(2, 1, 40, generator=gen).to(DEVICE)
+    _, stats = _check(q, k, v, key_valid=key_valid, key_bias=bias, mass_queries=(9, 33), mass_keys=(4, 29))
+    assert stats.key_mass.shape == (2, 4, 25)
+
+
+def test_key_mass_all_rows_sums_to_row_count():
+    (q, k, v), _ = _inputs(42, 1, 2, 2, 36, 36, 80, torch.float32)
+    _, stats = _check(q, k, v, mass_queries=(0, 36))
+    torch.testing.assert_close(stats.key_mass.sum(-1), torch.full((1, 2), 36.0, device=DEVICE), atol=1e-4, rtol=0)
+
+
+def test_key_mass_weight_tensor():
+    """The runtime's form: a [B, Lq] weight per query row (zero rows are skipped by the kernel)."""
+    (q, k, v), gen = _inputs(43, 2, 4, 1, 40, 40, 96, torch.float16)
+    weights = torch.rand(2, 40, generator=gen)
+    weights[:, :20] = 0
+    weights[1, 30:] = 0
+    _check(q, k, v, mass_queries=weights.to(DEVICE))
+
+
+def test_key_mass_during_decode():
+    (q, k, v), _ = _inputs(44, 2, 4, 2, 2, 64, 64, torch.bfloat16)
+    key_valid = torch.ones(2, 64, dtype=torch.bool, device=DEVICE)
+    key_valid[1, :10] = False
+    _check(q, k, v, key_valid=key_valid, mass_queries=(1, 2), mass_keys=(8, 40), num_splits=2)
+
+
+def _cca_by_definition(start: int, side: int, length: int) -> torch.Tensor:
+    """decoders.md §3(a)4 literally: causal, except inside the visual block where ring(k) <= ring(q)."""
+
+    def ring(i):
+        r, c = divmod(i - start, side)
+        return min(r, c, side - 1 - r, side - 1 - c)
+
+    def visual(i):
+        return start <= i < start + side * side
+
+    return torch.tensor([[ring(kk) <= ring(qq) if visual(qq) and visual(kk) else kk <= qq for kk in range(length)]
+                         for qq in range(length)])
+
+
+def test_concentric_mask_matches_its_definition():
+    mask = concentric_causal_mask(torch.tensor([3, 7]), 4)
+    allowed = allowed_mask(2, 1, 30, 30, causal=False, key_valid=None, mask_mod=mask, device=torch.device("cpu"))
+    assert torch.equal(allowed[0, 0], _cca_by_definition(3, 4, 30))
+    assert torch.equal(allowed[1, 0], _cca_by_definition(7, 4, 30))
+    assert not _cca_by_definition(3, 4, 30).tril().equal(_cca_by_definition(3, 4, 30))  # it does look ahead
+
+
+def test_concentric_mask_in_the_kernel():
+    """CCA prefill: a 5x5 visual block at a different offset per row, plus left padding, and the image's mass."""
+    (q, k, v), _ = _inputs(51, 2, 4, 2, 48, 48, 64, torch.bfloat16)
+    mask = concentric_causal_mask(torch.tensor([6, 11]), torch.tensor([5, 5]))
+    key_valid = torch.ones(2, 48, dtype=torch.bool, device=DEVICE)
+    key_valid[1, :4] = False
+    _check(q, k, v, causal=False, mask_mod=mask, key_valid=key_valid, mass_queries=(31, 48), mass_keys=(6, 36))
+
+
+def test_concentric_mask_row_without_image():
+    (q, k, v), _ = _inputs(52, 2, 2, 2, 40, 40, 64, torch.float16)
+    _check(q, k, v, causal=False, mask_mod=concentric_causal_mask(torch.tensor([2, 0]), torch.tensor([4, 0])))
+
+
+def test_rejects_a_plain_callable_mask():
+    (q, k, v), _ = _inputs(61, 1, 2, 2, 20, 20, 64, torch.float16)
+    with pytest.raises(TypeError, match="TritonMask"):
+        attention(q, k, v, mask_mod=lambda b, h, qi, ki: ki <= qi)
