@@ -137,9 +137,8 @@ def load(
     source = resolve_model(str(model))
     pruner = pruner_registry.create_from_spec(pruner) if isinstance(pruner, str) else pruner  # fail before loading
     decoders = [decoder_registry.create_from_spec(d) if isinstance(d, str) else d for d in decoders]
-    if device_map is None:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = _dtype(dtype, device if device_map is None else torch.device("cuda"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = _dtype(dtype, device)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
