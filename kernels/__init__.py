@@ -3,7 +3,7 @@ structured masks for both (``TritonMask``) and the transformers registration."""
 
 from vlmkit.kernels.attention import attention
 from vlmkit.kernels.interface import IMPLEMENTATION, LayerAttention, register
-from vlmkit.kernels.masks import TritonMask, concentric_causal_mask
+from vlmkit.kernels.masks import TritonMask, concentric_causal_mask, ring_table_mask
 from vlmkit.kernels.reference import AttentionStats, attention_reference
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "attention_reference",
     "concentric_causal_mask",
     "register",
+    "ring_table_mask",
 ]

@@ -287,3 +287,12 @@ def concentric_mask(b, h, q_idx, kv_idx, params):
     q_ring = tl.minimum(tl.minimum(q_r, q_c), tl.minimum(side - 1 - q_r, side - 1 - q_c))
     k_ring = tl.minimum(tl.minimum(k_r, k_c), tl.minimum(side - 1 - k_r, side - 1 - k_c))
     return tl.where(q_in & k_in, k_ring <= q_ring, kv_idx <= q_idx)
+
+
+@triton.jit
+def ring_table_mask(b, h, q_idx, kv_idx, params):
+    """Concentric mask from a ring table (see ``masks.ring_table_mask``): ``params`` = (Lk, ring of each key)."""
+    length = tl.load(params)
+    q_ring = tl.load(params + 1 + q_idx, mask=(q_idx >= 0) & (q_idx < length), other=-1)
+    k_ring = tl.load(params + 1 + kv_idx, mask=(kv_idx >= 0) & (kv_idx < length), other=-1)
+    return tl.where((q_ring >= 0) & (k_ring >= 0), k_ring <= q_ring, kv_idx <= q_idx)

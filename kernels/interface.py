@@ -5,6 +5,13 @@ vision tower keeps its own implementation. For each layer call, the runtime pass
 the decoder layer's ``**kwargs`` (keyword ``vlmkit_attention``): key padding, logit biases, a ``mask_mod`` and the
 statistics it wants. The function writes the statistics back into that object. Without one (a plain HF forward or
 ``generate``), it behaves like sdpa with the mask transformers built.
+
+Backends for a call with a :class:`LayerAttention` (``backend="auto"``): CUDA tensors go to the fused Triton kernel
+(:func:`vlmkit.kernels.attention`) when the call asks for statistics, a bias or a mask, and for plain prefill calls
+(faster than sdpa with the padding mask a plain call needs); plain decode steps (up to 16 queries) stay on sdpa,
+whose host overhead per eager launch is lower (``docs/kernel.md``). On the CPU, or for a ``mask_mod`` that is a plain
+callable rather than a :class:`~vlmkit.kernels.masks.TritonMask`, statistics and masks use the torch reference and
+plain calls use sdpa. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from vlmkit.kernels.attention import FEW_QUERIES
+from vlmkit.kernels.attention import attention as fused_attention
+from vlmkit.kernels.masks import TritonMask
 from vlmkit.kernels.reference import AttentionStats, MaskMod, allowed_mask, attention_reference
 
 IMPLEMENTATION = "vlmkit"
@@ -60,9 +70,18 @@ def vlmkit_attention(
     if call is None:
         return _sdpa(query, key, value, _hf_mask(attention_mask, query, key), scaling), None
     call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
+    causal = not getattr(call.mask_mod, "includes_causal", False)
+    plain_decode = query.shape[2] <= FEW_QUERIES and not call.needs_statistics and call.key_bias is None \
+        and call.mask_mod is None
+    if call.backend == "auto" and not plain_decode and _triton_can_run(query, call.mask_mod):
+        out, call.stats = fused_attention(
+            query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,
+            key_valid=call.key_valid, mass_queries=call.mass_queries,
+        )
+        return out, None
     if call.backend == "reference" or call.needs_statistics or call.mask_mod is not None:
         out, call.stats = attention_reference(
-            query, key, value, causal=True, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,
+            query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,
             key_valid=call.key_valid, mass_queries=call.mass_queries,
         )
         return out, None
@@ -76,6 +95,16 @@ def vlmkit_attention(
         bias = call.key_bias.to(query.dtype).unsqueeze(-2)
         mask = torch.where(allowed, bias, torch.finfo(query.dtype).min)
     return _sdpa(query, key, value, mask, scaling), None
+
+
+def _triton_can_run(query: torch.Tensor, mask_mod: MaskMod | None) -> bool:
+    """The Triton kernel handles this call: CUDA, a supported head dim and dtype, and a mask it can compile."""
+    return (
+        query.is_cuda
+        and query.shape[-1] <= 128 and query.shape[-1] % 8 == 0
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and (mask_mod is None or isinstance(mask_mod, TritonMask))
+    )
 
 
 def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:

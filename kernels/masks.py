@@ -76,3 +76,26 @@ def _concentric_torch(b, h, q_idx, kv_idx, params):
     q_in, q_ring = ring(q_idx)
     k_in, k_ring = ring(kv_idx)
     return torch.where(q_in & k_in, k_ring <= q_ring, kv_idx <= q_idx)
+
+
+def ring_table_mask(rings: torch.Tensor) -> TritonMask:
+    """The concentric causal mask from a per-key ring table ``[B, Lk]`` (-1 for keys that are not visual).
+
+    The general form of :func:`concentric_causal_mask`: any grid shape, pruned images (each kept token keeps its
+    ring), one table per batch row. Visual pairs follow the rings (``ρ(key) <= ρ(query)``), every other pair is
+    causal; call the attention with ``causal=False``. The table must cover all ``Lk`` keys of the call.
+    """
+    rings = rings.to(torch.int32)
+    length = torch.full((rings.shape[0], 1), rings.shape[1], dtype=torch.int32, device=rings.device)
+    params = torch.cat([length, rings], dim=1).contiguous()  # (Lk, ring of key 0, ring of key 1, ...)
+    return TritonMask(_ring_table_torch, "vlmkit.kernels.attention_kernels:ring_table_mask", params, True)
+
+
+def _ring_table_torch(b, h, q_idx, kv_idx, params):
+    table = params[..., 1:]  # b.shape + (Lk,)
+
+    def ring(idx):
+        return torch.take_along_dim(table, idx.unsqueeze(-1).long(), dim=-1).squeeze(-1)
+
+    q_ring, k_ring = ring(q_idx), ring(kv_idx)
+    return torch.where((q_ring >= 0) & (k_ring >= 0), k_ring <= q_ring, kv_idx <= q_idx)

@@ -147,7 +147,8 @@ class Engine:
         visual = self.adapter.encode_images(batch, any(p.needs_vision_attention for p in selectors))
         selections: list[Selection | None] = [None] * len(visual)
         for pruner in selectors:
-            selections = pruner.select_visual(ctx, visual) or selections
+            if (chosen := pruner.select_visual(ctx, visual)) is not None:
+                selections = chosen
         for row, (tokens, selection) in enumerate(zip(visual, selections)):
             slots = batch.is_visual[row].nonzero().squeeze(-1)
             if slots.numel() != tokens.embeds.shape[0]:
@@ -164,7 +165,8 @@ class Engine:
                     hidden[row, slots[selection.keep]] = selection.embeds.to(hidden.dtype)
         positions, next_position = self.adapter.position_ids(batch)
         for intervention in self._with("positions"):
-            positions = intervention.positions(ctx, positions, batch.is_visual) or positions
+            if (replaced := intervention.positions(ctx, positions, batch.is_visual)) is not None:
+                positions = replaced
         state = LayerState(
             hidden=hidden,
             valid=batch.attention_mask.bool(),
