@@ -162,3 +162,25 @@ def test_candidate_hook_can_run_backward_passes(tiny, images, prompts, family):
     greedy = vlmkit.wrap(*tiny(family)).generate(images, prompts, max_new_tokens=4)
     assert tokens_of(vlm.generate(images, prompts, max_new_tokens=4)) == tokens_of(greedy)
     assert check.gradient_norm > 0
+
+
+class FollowSteps(Intervention):
+    def __init__(self):
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def after_step(self, ctx, tokens, parents):
+        self.steps.append((tokens.clone(), parents.clone()))
+
+
+def test_after_step_sees_final_tokens_and_beam_parents(tiny, images, prompts):
+    follower = FollowSteps()
+    vlm = vlmkit.wrap(*tiny("llava"), decoders=[follower])
+    outputs = vlm.generate(images, prompts, max_new_tokens=5)
+    seen = torch.stack([tokens for tokens, _ in follower.steps], dim=1)
+    assert seen.tolist() == [g.token_ids for g in outputs]
+    assert all(torch.equal(parents, torch.arange(3)) for _, parents in follower.steps)
+    follower.steps.clear()
+    vlm.generate(images, prompts, max_new_tokens=5, num_beams=3)
+    for tokens, parents in follower.steps:
+        assert tokens.shape == parents.shape == (9,)
+        assert torch.equal(parents // 3, torch.arange(9) // 3)  # a beam only continues a beam of its own sample

@@ -249,6 +249,7 @@ class _TokenDecoder:
         self.tokenizer = engine.adapter.tokenizer
         self.eos = set(engine.adapter.eos_token_ids)
         self.checkers = engine._with("accept")
+        self.followers = engine._with("after_step")
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         tokens = choose_tokens(logits, self.sampling, self.generator)
@@ -271,6 +272,7 @@ class _TokenDecoder:
         texts = [""] * batch
         active = [True] * batch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        rows = torch.arange(batch, device=logits.device)
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             tokens = self.choose(logits)
@@ -291,6 +293,8 @@ class _TokenDecoder:
                     if self.stream and len(text) > len(texts[row]):
                         self.stream(row, text[len(texts[row]):])
                     texts[row] = text
+            for follower in self.followers:
+                follower.after_step(self.ctx, tokens, rows)
             if not any(active) or step == self.max_new_tokens - 1:
                 break
             logits = self.engine.decode_step(self.ctx, self.cache, tokens, self.next_position)
@@ -319,6 +323,8 @@ class _BeamDecoder(_TokenDecoder):
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             parents, tokens = search.step(logits)
+            for follower in self.followers:
+                follower.after_step(self.ctx, tokens, parents)
             if search.done:
                 break
             self.cache.reorder(parents)

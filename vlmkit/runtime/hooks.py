@@ -15,6 +15,7 @@ after_layer  after each LLM layer in the prefill, with the statistics    keep ma
 edit_residual  after each LLM layer, prefill and decode                  new hidden states or None
 edit_logits  after each step's logits, with the hidden states it asked   new logits ``[B, V]`` or None
 accept       after the sampler proposed a token                          bool ``[B]`` (accepted) or None
+after_step   once the step's tokens are final (and the beams reordered)  None
 ===========  ==========================================================  ===============================
 
 Positions are never recomputed after pruning: a token that survives keeps the position id (1-D, or 3-D M-RoPE) it had
@@ -160,6 +161,10 @@ class Intervention:
 
     def accept(self, ctx: GenerationContext, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """Return a bool ``[B]``: which proposed ``tokens`` to accept. Rejected ones are masked out and redrawn."""
+
+    def after_step(self, ctx: GenerationContext, tokens: torch.Tensor, parents: torch.Tensor) -> None:
+        """The step's final tokens ``[B]``; ``parents[i]`` is the row that row ``i`` continues (beam search reorders
+        rows; otherwise ``parents`` is ``arange(B)``). For methods that keep their own per-row state."""
 
     def overrides(self, hook: str) -> bool:
         return getattr(type(self), hook) is not getattr(Intervention, hook)
