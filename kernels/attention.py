@@ -115,7 +115,8 @@ def attention(
     if out is None:
         out = torch.empty(batch, q_len, q_heads, head_dim, device=q.device, dtype=q.dtype)
     elif out.shape != (batch, q_len, q_heads, head_dim) or out.dtype != q.dtype:
-        raise ValueError(f"out must be {(batch, q_len, q_heads, head_dim)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+        raise ValueError(f"out must be {(batch, q_len, q_heads, head_dim)} {q.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
     lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
 
     # Row layout: packed GQA groups with split-KV for few queries, one head per program otherwise.

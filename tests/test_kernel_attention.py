@@ -1,36 +1,44 @@
 """The Triton attention kernel against the float64 reference, feature by feature.
 
-Without a GPU the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET`` is switched on only while the kernel
-module is imported (Triton reads it when it decorates the kernels), so it does not leak into other tests. With a GPU
-the same tests run the compiled kernels. Every call writes into a NaN-poisoned output buffer, and every case draws
+With a GPU these tests run the compiled kernels. Without one they run in Triton's CPU interpreter, which must be
+switched on (``TRITON_INTERPRET=1``) before ``triton.language`` is first imported, and the test session imports it
+long before this module (torch and transformers do). So, unless the variable is already set, the module runs itself
+in a child pytest process that has it from the start (``test_in_the_interpreter``), and its cases are skipped here:
+the variable never leaks into other tests. Every call writes into a NaN-poisoned output buffer, and every case draws
 fresh random inputs from its own seed.
 """
 
-import importlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-if not ON_GPU:
-    if "vlmkit.kernels.attention_kernels" in sys.modules:
-        raise RuntimeError("vlmkit.kernels.attention_kernels was imported before this module could switch on "
-                           "TRITON_INTERPRET; its kernels cannot run on the CPU")
-    _previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        importlib.import_module("vlmkit.kernels.attention_kernels")
-    finally:
-        if _previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = _previous
+IN_CHILD = not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1"
+kernel_case = pytest.mark.skipif(IN_CHILD, reason="runs in the interpreter's child process (test_in_the_interpreter)")
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="the kernels run in this process")
+def test_in_the_interpreter():
+    """Run this module's cases in a fresh pytest with TRITON_INTERPRET=1 (cwd outside the repository root, whose
+    kernels/ folder would shadow the `kernels` package transformers probes)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
+    here = Path(__file__).resolve()
+    child = subprocess.run(
+        [sys.executable, "-c", "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))", str(here), "-q",
+         "-p", "no:cacheprovider", f"--rootdir={here.parents[1]}"],
+        cwd=here.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+    print(child.stdout.strip().splitlines()[-1])
+
 
 from vlmkit.kernels import attention, attention_reference  # noqa: E402
-from vlmkit.kernels.masks import concentric_causal_mask  # noqa: E402
+from vlmkit.kernels.masks import concentric_causal_mask, ring_table_mask  # noqa: E402
 from vlmkit.kernels.reference import allowed_mask  # noqa: E402
 
 # (elementwise atol/rtol on the output, bound on ‖out - ref‖ / ‖ref‖)
@@ -66,6 +74,7 @@ def _check(q, k, v, num_splits=None, **kwargs):
     return got, stats
 
 
+@kernel_case
 @pytest.mark.parametrize(
     "seed, dtype, dim, q_heads, kv_heads, causal",
     [
@@ -80,12 +89,14 @@ def test_prefill(seed, dtype, dim, q_heads, kv_heads, causal):
     _check(q, k, v, causal=causal)
 
 
+@kernel_case
 def test_prefill_queries_are_the_last_keys():
     """Lq < Lk (a prefill chunk after cached keys): bottom-right causal alignment, ragged last blocks."""
     (q, k, v), _ = _inputs(5, 1, 2, 2, 27, 61, 64, torch.float16)
     _check(q, k, v, causal=True)
 
 
+@kernel_case
 @pytest.mark.parametrize(
     "seed, dtype, q_len, q_heads, kv_heads, num_splits",
     [
@@ -102,6 +113,7 @@ def test_decode_split_kv(seed, dtype, q_len, q_heads, kv_heads, num_splits):
     _check(q, k, v, key_valid=key_valid, num_splits=num_splits)
 
 
+@kernel_case
 def test_split_kv_changes_nothing_but_rounding():
     (q, k, v), _ = _inputs(15, 1, 4, 2, 1, 64, 64, torch.float32)
     one, stats_one = attention(q, k, v, num_splits=1)
@@ -110,6 +122,7 @@ def test_split_kv_changes_nothing_but_rounding():
     torch.testing.assert_close(stats_one.lse, stats_four.lse, atol=1e-6, rtol=1e-6)
 
 
+@kernel_case
 def test_left_padding_rows_and_key_lens():
     """Left-padded rows: padding queries see no key (output 0, LSE -inf); key_lens is the same as key_valid."""
     (q, k, v), _ = _inputs(21, 2, 2, 1, 48, 48, 64, torch.bfloat16)
@@ -123,6 +136,7 @@ def test_left_padding_rows_and_key_lens():
     torch.testing.assert_close(stats_lens.lse, stats.lse, atol=0, rtol=0)
 
 
+@kernel_case
 @pytest.mark.parametrize("bias_shape", [(2, 4, 40), (1, 1, 40), (2, 1, 40)])
 def test_key_bias(bias_shape):
     (q, k, v), gen = _inputs(31 + bias_shape[0] + bias_shape[1], 2, 4, 2, 40, 40, 64, torch.float16)
@@ -131,6 +145,7 @@ def test_key_bias(bias_shape):
     _check(q, k, v, key_bias=bias)
 
 
+@kernel_case
 def test_key_mass_query_span_and_key_span():
     """Mass of queries 9..33 on keys 4..29 (an image block), with GQA, padding and a bias."""
     (q, k, v), gen = _inputs(41, 2, 4, 2, 40, 40, 64, torch.bfloat16)
@@ -141,12 +156,14 @@ def test_key_mass_query_span_and_key_span():
     assert stats.key_mass.shape == (2, 4, 25)
 
 
+@kernel_case
 def test_key_mass_all_rows_sums_to_row_count():
     (q, k, v), _ = _inputs(42, 1, 2, 2, 36, 36, 80, torch.float32)
     _, stats = _check(q, k, v, mass_queries=(0, 36))
     torch.testing.assert_close(stats.key_mass.sum(-1), torch.full((1, 2), 36.0, device=DEVICE), atol=1e-4, rtol=0)
 
 
+@kernel_case
 def test_key_mass_weight_tensor():
     """The runtime's form: a [B, Lq] weight per query row (zero rows are skipped by the kernel)."""
     (q, k, v), gen = _inputs(43, 2, 4, 1, 40, 40, 96, torch.float16)
@@ -156,6 +173,7 @@ def test_key_mass_weight_tensor():
     _check(q, k, v, mass_queries=weights.to(DEVICE))
 
 
+@kernel_case
 def test_key_mass_during_decode():
     (q, k, v), _ = _inputs(44, 2, 4, 2, 2, 64, 64, torch.bfloat16)
     key_valid = torch.ones(2, 64, dtype=torch.bool, device=DEVICE)
@@ -185,6 +203,7 @@ def test_concentric_mask_matches_its_definition():
     assert not _cca_by_definition(3, 4, 30).tril().equal(_cca_by_definition(3, 4, 30))  # it does look ahead
 
 
+@kernel_case
 def test_concentric_mask_in_the_kernel():
     """CCA prefill: a 5x5 visual block at a different offset per row, plus left padding, and the image's mass."""
     (q, k, v), _ = _inputs(51, 2, 4, 2, 48, 48, 64, torch.bfloat16)
@@ -194,6 +213,33 @@ def test_concentric_mask_in_the_kernel():
     _check(q, k, v, causal=False, mask_mod=mask, key_valid=key_valid, mass_queries=(31, 48), mass_keys=(6, 36))
 
 
+def _rings(start: int, rows: int, cols: int, length: int) -> torch.Tensor:
+    r, c = torch.arange(rows).view(-1, 1), torch.arange(cols).view(1, -1)
+    table = torch.full((length,), -1, dtype=torch.long)
+    rings = torch.minimum(torch.minimum(r, c), torch.minimum(rows - 1 - r, cols - 1 - c))
+    table[start: start + rows * cols] = rings.flatten()
+    return table
+
+
+def test_ring_table_mask_is_the_concentric_mask():
+    square = allowed_mask(1, 1, 30, 30, causal=False, key_valid=None, mask_mod=concentric_causal_mask(3, 4),
+                          device=torch.device("cpu"))
+    table = allowed_mask(1, 1, 30, 30, causal=False, key_valid=None,
+                         mask_mod=ring_table_mask(_rings(3, 4, 4, 30)[None]), device=torch.device("cpu"))
+    assert torch.equal(square, table)
+
+
+@kernel_case
+def test_ring_table_mask_in_the_kernel():
+    """A 3x6 grid in row 0, a pruned 4x4 grid (two tokens dropped: their keys are not visual) in row 1."""
+    (q, k, v), _ = _inputs(53, 2, 4, 2, 44, 44, 64, torch.float16)
+    pruned = _rings(9, 4, 4, 44)
+    pruned[[12, 17]] = -1
+    rings = torch.stack([_rings(5, 3, 6, 44), pruned]).to(DEVICE)
+    _check(q, k, v, causal=False, mask_mod=ring_table_mask(rings), mass_queries=(30, 44))
+
+
+@kernel_case
 def test_concentric_mask_row_without_image():
     (q, k, v), _ = _inputs(52, 2, 2, 2, 40, 40, 64, torch.float16)
     _check(q, k, v, causal=False, mask_mod=concentric_causal_mask(torch.tensor([2, 0]), torch.tensor([4, 0])))

@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--workers", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
     train.add_argument("--device")
     train.set_defaults(func=run_train)
 
@@ -46,7 +47,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.model not in SIZES:
         raise ConfigError(f"unknown world model size {args.model!r}; choose one of {', '.join(SIZES)}")
     config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         workers=args.workers, seed=args.seed)
+                         workers=args.workers, seed=args.seed,
+                         max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     out = train(config, args.out, device=args.device)
     print(f"saved {args.model} to {out}")
     return 0

@@ -35,6 +35,7 @@ class TrainConfig:
     world_seed: int = 0
     workers: int = 8
     log_every: int = 50
+    max_seconds: float | None = None  # stop after this long; the schedule then runs on elapsed time, not steps
 
 
 class WorldStream(IterableDataset):
@@ -93,9 +94,9 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=(0.9, 0.98),
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     started, log = time.time(), []
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config, time.time() - started))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step, batch in enumerate(loader, start=1):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         with autocast:
@@ -105,12 +106,13 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % config.log_every == 0 or step == config.steps:
+        out_of_time = config.max_seconds is not None and time.time() - started >= config.max_seconds
+        if step % config.log_every == 0 or step == config.steps or out_of_time:
             entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
                      "seconds": round(time.time() - started, 1)}
             log.append(entry)
             print(json.dumps(entry), flush=True)
-        if step >= config.steps:
+        if step >= config.steps or out_of_time:
             break
     model.eval().to(torch.bfloat16).save_pretrained(out, max_shard_size="15MB")
     processor.save_pretrained(out)
@@ -119,10 +121,13 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
     return out
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def _lr_factor(step: int, config: TrainConfig, elapsed: float) -> float:
+    """Linear warm-up, then cosine decay to 5% over the steps (or over ``max_seconds``)."""
     if step < config.warmup:
         return (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    if config.max_seconds is not None:
+        progress = max(progress, elapsed / config.max_seconds)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 

@@ -1,0 +1,215 @@
+"""``vlmkit eval chair|pope|mmhal``: score a predictions file, or run a model (resumable) and score it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from vlmkit.errors import ConfigError
+
+TASKS = ("chair", "pope", "mmhal")
+DEFAULT_MAX_NEW_TOKENS = {"chair": 512, "pope": 32, "mmhal": 512}
+
+
+def add_parser(subparsers) -> None:
+    evaluate = subparsers.add_parser("eval", help="CHAIR, POPE and MMHal-Bench: score predictions or run a model")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+
+    chair = tasks.add_parser("chair", help="CHAIR object hallucination in captions")
+    chair.add_argument("--predictions", help='JSON lines {"image_id": int, "caption": str} (score only)')
+    chair.add_argument("--annotations", default="coco-val2014",
+                       help="COCO annotations folder, instances JSON, ground-truth objects JSON, or a shipped set: "
+                            "coco-val2014 (default), coco-val2014-wordnet")
+    chair.add_argument("--ids", "--data", dest="ids", help="image-id list, one per line (default: the 500 OPERA ids)")
+    chair.add_argument("--pipeline", default="auto", choices=["auto", "nltk", "offline"],
+                       help="word pipeline (auto: nltk when nltk and WordNet are installed)")
+    chair.add_argument("--prompt", default=None, help='caption prompt (default "Please describe this image in '
+                                                      'detail.")')
+
+    pope = tasks.add_parser("pope", help="POPE yes/no object probing")
+    pope.add_argument("--predictions", nargs="+", help='JSON lines {"question_id": int, "text": str} (score only)')
+    pope.add_argument("--questions", "--data", dest="questions", nargs="+",
+                      help="POPE question files, one per split, or a shipped set: coco (default), coco-e3e3926")
+    pope.add_argument("--parser", default="official",
+                      help="answer parser: official (P1, default), opera (P2), vcd (P3), lmms-eval (P4), "
+                           "vlmevalkit (P5)")
+    pope.add_argument("--prompt-suffix", default="", help="appended to each question, e.g. ' Please answer yes or "
+                                                          "no.'")
+
+    mmhal = tasks.add_parser("mmhal", help="MMHal-Bench, rated by an LLM judge or by rules")
+    mmhal.add_argument("--predictions", help="a filled response template (JSON array with model_answer) "
+                                             "(score only)")
+    mmhal.add_argument("--data", dest="template", help="response template (default: the 96 MMHal-Bench records)")
+    mmhal.add_argument("--judge-url", help="OpenAI-compatible API base, e.g. http://localhost:8000/v1")
+    mmhal.add_argument("--judge-model", help="judge model name")
+    mmhal.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the judge API key (default OPENAI_API_KEY)")
+    mmhal.add_argument("--judge-cache", help="judge cache folder (default: OUT/judge_cache, or "
+                                             "~/.cache/vlmkit/judge without --out)")
+    mmhal.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge call")
+    mmhal.add_argument("--judge-retries", type=int, default=4)
+    mmhal.add_argument("--rules", action="store_true", help="rate with rules (records with structured 'facts')")
+
+    for task, sub in (("chair", chair), ("pope", pope), ("mmhal", mmhal)):
+        sub.add_argument("--out", help="output folder (metrics.json; with --model also the resumable predictions)")
+        model = sub.add_argument_group("running a model")
+        model.add_argument("--model", help="hub id, local folder or builtin:NAME")
+        model.add_argument("--images", help="folder with the benchmark images")
+        model.add_argument("--pruner", action="append", default=[],
+                           help="pruner spec; repeat to sweep (one subfolder each, plus sweep.png)")
+        model.add_argument("--decoder", action="append", default=[], help="decoder spec (repeatable)")
+        model.add_argument("--batch-size", type=int, default=8)
+        model.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS[task])
+        model.add_argument("--limit", type=int, help="evaluate only the first N items (per split for POPE)")
+        model.add_argument("--device")
+        model.add_argument("--dtype")
+        model.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sub.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from vlmkit.evals import report
+
+    if bool(args.predictions) == bool(args.model):
+        raise ConfigError(f"pass either --predictions (score a file) or --model (run a model), not "
+                          f"{'both' if args.model else 'neither'}")
+    if args.model:
+        return _run_model(args)
+    metrics = SCORERS[args.task](args)
+    print(report.summary(args.task, metrics))
+    if args.out:
+        print(f"metrics written to {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+# ---- score only -----------------------------------------------------------------------------------------------
+
+def _score_chair(args) -> dict:
+    from vlmkit.evals import chair, tasks, words
+
+    pipeline = words.pipeline(args.pipeline)
+    truth = chair.load_ground_truth(args.annotations, pipeline)
+    return tasks.score_chair(chair.read_captions(args.predictions), truth, pipeline, args.out)
+
+
+def _score_pope(args) -> dict:
+    from vlmkit.evals import pope, tasks
+
+    questions = tasks.read_question_sets(tasks.question_files(args.questions))
+    answers = tasks.read_answers(args.predictions, questions)
+    return tasks.score_pope(questions, answers, pope.parser(args.parser), args.out)
+
+
+def _judge(args, out: str | None):
+    from vlmkit.evals.judge import Judge
+
+    if args.rules and (args.judge_url or args.judge_model):
+        raise ConfigError("pass --rules or a judge (--judge-url, --judge-model), not both")
+    if args.rules:
+        return None
+    if not (args.judge_url and args.judge_model):
+        if getattr(args, "model", None):
+            return None
+        raise ConfigError("MMHal-Bench needs a judge: pass --judge-url URL --judge-model NAME (key in "
+                          f"${args.judge_key_env}), or --rules for records with structured facts")
+    cache = args.judge_cache or (Path(out) / "judge_cache" if out else
+                                 Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmkit" / "judge")
+    return Judge(args.judge_url, args.judge_model, api_key_env=args.judge_key_env, cache_dir=cache,
+                 timeout=args.judge_timeout, retries=args.judge_retries)
+
+
+def _score_mmhal(args) -> dict:
+    from vlmkit.evals import mmhal, tasks
+
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    return tasks.score_mmhal(mmhal.read_template(args.predictions), args.out, judge=_judge(args, args.out),
+                             progress=not args.no_progress)
+
+
+SCORERS = {"chair": _score_chair, "pope": _score_pope, "mmhal": _score_mmhal}
+
+
+# ---- running a model ------------------------------------------------------------------------------------------
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_") or "run"
+
+
+def _run_model(args) -> int:
+    import vlmkit
+    from vlmkit.evals import report, runner, tasks
+
+    if not args.images:
+        raise ConfigError("--model needs --images, the folder with the benchmark images")
+    out = Path(args.out or Path("vlmkit-eval") / f"{args.task}-{_slug(args.model)}")
+    shard = runner.shard_from_env()
+    device = args.device
+    if shard.world > 1 and device is None:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ.get('LOCAL_RANK', shard.rank)}"
+    base = vlmkit.load(args.model, decoders=args.decoder, device=device, dtype=args.dtype)
+    pruners = args.pruner or [None]
+    prepare = TASK_SETUP[args.task](args, out)
+    results = []
+    for spec in pruners:
+        vlm = vlmkit.wrap(base.model, base.processor, pruner=spec, decoders=args.decoder)
+        run_dir = out / _slug(spec) if len(pruners) > 1 else out
+        model = tasks.ModelRun(vlm, args.model, spec, args.decoder, args.max_new_tokens, args.batch_size, shard,
+                               not args.no_progress)
+        metrics = prepare(model, run_dir)
+        if metrics is not None:
+            kept = _mean_kept(run_dir)
+            results.append((spec or "no pruner", kept, metrics))
+            print(f"\n{spec or 'no pruner'}  ({run_dir})")
+            print(report.summary(args.task, metrics))
+    if shard.rank == 0 and not results and args.task == "mmhal":
+        print(f"answers written to {out / 'filled_template.json'}; rate them with --judge-url/--judge-model or "
+              "--rules")
+    if len(results) > 1:
+        headline = report.HEADLINE[args.task]
+        print("\nsweep")
+        print(report.table([(f"{s} ({k:.0f} kept)", m) for s, k, m in results], report.TABLE_KEYS[args.task]))
+        path = report.sweep_plot([(s, k, m[headline]) for s, k, m in results], args.task, out / "sweep.png")
+        print(f"plot: {path}")
+    return 0
+
+
+def _mean_kept(run_dir: Path) -> float:
+    import json
+
+    kept = [json.loads(line).get("visual_tokens_kept", 0) for line in
+            (run_dir / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    return sum(kept) / len(kept) if kept else 0.0
+
+
+def _setup_chair(args, out: Path):
+    from vlmkit.evals import chair, tasks, words
+
+    pipeline = words.pipeline(args.pipeline)
+    truth = chair.load_ground_truth(args.annotations, pipeline)
+    return lambda model, run_dir: tasks.run_chair(model, args.images, run_dir, truth, pipeline, ids_file=args.ids,
+                                                  prompt=args.prompt or tasks.CHAIR_PROMPT, limit=args.limit)
+
+
+def _setup_pope(args, out: Path):
+    from vlmkit.evals import pope, tasks
+
+    files, parser = tasks.question_files(args.questions), pope.parser(args.parser)
+    return lambda model, run_dir: tasks.run_pope(model, files, args.images, run_dir, parser,
+                                                 suffix=args.prompt_suffix, limit=args.limit)
+
+
+def _setup_mmhal(args, out: Path):
+    from vlmkit.evals import tasks
+
+    judge = _judge(args, str(out))
+    return lambda model, run_dir: tasks.run_mmhal(model, args.template, args.images, run_dir, judge=judge,
+                                                  rules=args.rules, limit=args.limit)
+
+
+TASK_SETUP = {"chair": _setup_chair, "pope": _setup_pope, "mmhal": _setup_mmhal}
