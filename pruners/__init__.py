@@ -12,6 +12,6 @@ create = REGISTRY.create
 create_from_spec = REGISTRY.create_from_spec
 available = REGISTRY.available
 
-from vlmkit.pruners import agile, dart, divprune, dyvte, fastervlm, fastv, pdrop, random_keep, uniform, visionzip, zoo  # noqa: E402  (registration side effects)
+from vlmkit.pruners import agile, dart, divprune, dyvte, fastervlm, fastv, pdrop, random_keep, sgl, uniform, visionzip, zoo  # noqa: E402  (registration side effects)
 
 __all__ = ["Pruner", "REGISTRY", "available", "create", "create_from_spec", "register"]

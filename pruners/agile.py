@@ -81,6 +81,8 @@ class AgilePruner(Pruner):
         ranks = [erank(image.features) for image in tokens]
         mean = self.erank_mean or sum(ranks) / len(ranks)
         ctx.scratch[self.name] = {"erank": ranks, "complexity": [r / mean for r in ranks]}
+        ctx.report("agile_erank", ranks)
+        ctx.report("agile_complexity", ctx.scratch[self.name]["complexity"])
         selections = []
         for image, score, rank in zip(tokens, scores, ranks):
             picked = suppress_select(score, image.features, self.budget(score.numel()), rank / mean, self.scale,

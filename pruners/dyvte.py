@@ -93,6 +93,7 @@ class DyVTE(Pruner):
             gates.load_state_dict(torch.load(self.gates_path, map_location="cpu"))
             self.gates = gates.to(ctx.adapter.device).eval()
         ctx.scratch[self.name] = {"exit_layer": [None] * inputs.input_ids.shape[0]}
+        ctx.report("dyvte_exit_layer", ctx.scratch[self.name]["exit_layer"])  # filled in by after_layer
 
     def after_layer(self, ctx: GenerationContext, layer: int, state: LayerState, attention) -> torch.Tensor | None:
         if self.exit_layer is not None:

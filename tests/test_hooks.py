@@ -184,3 +184,72 @@ def test_after_step_sees_final_tokens_and_beam_parents(tiny, images, prompts):
     for tokens, parents in follower.steps:
         assert tokens.shape == parents.shape == (9,)
         assert torch.equal(parents // 3, torch.arange(9) // 3)  # a beam only continues a beam of its own sample
+
+
+class ReportStats(Intervention):
+    """Reports one per-sample stat early (filled in later) and tries to overwrite an engine key."""
+
+    def prepare(self, ctx, inputs):
+        self.seen = [0] * len(ctx.prompts)
+        ctx.report("probe_steps", self.seen)
+        ctx.report("new_tokens", ["not mine"] * len(ctx.prompts))
+
+    def after_step(self, ctx, tokens, parents):
+        for row in range(len(self.seen)):
+            self.seen[row] += 1
+
+
+def test_method_stats_reach_generation_stats(tiny, images, prompts):
+    outputs = vlmkit.wrap(*tiny("llava"), decoders=[ReportStats()]).generate(images, prompts, max_new_tokens=3)
+    assert [g.stats["probe_steps"] for g in outputs] == [3, 3, 3]
+    assert [g.stats["new_tokens"] for g in outputs] == [len(g.token_ids) for g in outputs]  # engine keys win
+    ctx = vlmkit.runtime.hooks.GenerationContext(adapter=None, prompts=prompts, images=images)
+    with pytest.raises(ValueError, match="3 samples"):
+        ctx.report("short", [1])
+
+
+class RejectAllPickLast(Intervention):
+    """Rejects every candidate; the fallback emits the token id ``fallback_token``."""
+
+    max_candidate_tries = 3
+
+    def __init__(self, fallback_token: int):
+        self.fallback_token, self.checked = fallback_token, []
+
+    def accept(self, ctx, logits, tokens):
+        self.checked.append(tokens.clone())
+        return torch.zeros_like(tokens, dtype=torch.bool)
+
+    def fallback(self, ctx, logits, first):
+        return torch.full_like(first, self.fallback_token)
+
+
+def test_fallback_decides_after_the_last_rejected_try(tiny, images, prompts):
+    model, processor = tiny("llava")
+    greedy = tokens_of(vlmkit.wrap(model, processor).generate(images, prompts, max_new_tokens=1))
+    check = RejectAllPickLast(fallback_token=7)
+    outputs = vlmkit.wrap(model, processor, decoders=[check]).generate(images, prompts, max_new_tokens=1)
+    assert tokens_of(outputs) == [[7]] * 3
+    assert len(check.checked) == 3  # three distinct candidates per row, no redraw after the last one
+    assert check.checked[0].tolist() == [row[0] for row in greedy]
+    assert all(len({int(c[row]) for c in check.checked}) == 3 for row in range(3))
+
+
+class Answer(Intervention):
+    def __init__(self, answers):
+        self.answers = answers
+
+    def early_exit(self, ctx, inputs):
+        return self.answers
+
+
+def test_early_exit_skips_the_model_only_when_every_row_is_answered(tiny, images, prompts):
+    model, processor = tiny("llava")
+    dense = vlmkit.wrap(model, processor).generate(images[:2], prompts[:2], max_new_tokens=4)
+    ids = dense[0].token_ids[:2]
+    exited = vlmkit.wrap(model, processor, decoders=[Answer([ids, ids])]).generate(images[:2], prompts[:2],
+                                                                                   max_new_tokens=4)
+    assert tokens_of(exited) == [ids, ids] and exited[0].stats["visual_tokens_kept"] == 0
+    partial = vlmkit.wrap(model, processor, decoders=[Answer([ids, None])]).generate(images[:2], prompts[:2],
+                                                                                    max_new_tokens=4)
+    assert tokens_of(partial) == tokens_of(dense)

@@ -2,12 +2,13 @@
 
 One call of :meth:`Engine.generate` does, in order (hook names in brackets, see ``hooks.py``):
 
+0. run extra passes [prepare]; a method may answer the whole batch without the model [early_exit];
 1. embed the prompt tokens; run the vision tower and projector; let the pruner choose visual tokens [select_visual];
 2. compute position ids on the unpruned sequence [positions]; pack the kept tokens (left-padded);
 3. prefill: walk the decoder layers; before each, gather attention requests [attention]; after each, edit the
    residual [edit_residual] and let the pruner drop tokens [after_layer];
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
-   beam search) and let decoders reject candidates [accept]; stop at EOS, stop strings or the token limit.
+   beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
 """
 
 from __future__ import annotations
@@ -190,9 +191,13 @@ class Engine:
         stop: Sequence[str] = (),
         stream: StreamCallback | None = None,
     ) -> list[RowResult]:
-        ctx.engine = self
+        ctx.engine, ctx.max_new_tokens = self, max_new_tokens
         for intervention in self._with("prepare"):
             intervention.prepare(ctx, batch)
+        for intervention in self._with("early_exit"):
+            answers = intervention.early_exit(ctx, batch)
+            if answers is not None and all(a is not None for a in answers):
+                return self._answered(ctx, batch, answers, stop)
         device = self.adapter.device
         generator = None
         if sampling.do_sample:
@@ -202,13 +207,14 @@ class Engine:
         started = _now(device)
         state, next_position, visual_in = self.initial_state(ctx, batch)
         visual_kept = state.is_visual.sum(dim=1).tolist()
-        cache = LayeredKVCache(len(self.adapter.layers))
+        cache = ctx.cache = LayeredKVCache(len(self.adapter.layers))
         hidden_layers = self._hidden_layers()
         ctx.step = -1
         state, collected, visual_counts = self.run_layers(ctx, state, cache, hidden_layers)
         visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
         logits = self._logits(ctx, state, collected)
         prefill_s = _now(device) - started
+        kept_visual = _kept_visual_indices(batch.is_visual, state)
 
         decoder = _BeamDecoder if sampling.num_beams > 1 else _TokenDecoder
         rows = decoder(self, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream).run(logits)
@@ -218,10 +224,28 @@ class Engine:
                 "visual_tokens_in": visual_in[row],
                 "visual_tokens_kept": visual_kept[row],
                 "visual_tokens_by_layer": visual_per_layer[row],
+                "kept_visual_indices": kept_visual[row],
                 "prefill_s": prefill_s,
                 "decode_s": decode_s,
                 "new_tokens": len(result.token_ids),
             }
+            _add_method_stats(result, ctx, row)
+        return rows
+
+    def _answered(self, ctx, batch: PreparedBatch, answers: list[list[int]], stop: Sequence[str]) -> list[RowResult]:
+        """Rows answered by ``early_exit``: the model never ran (no visual token entered it)."""
+        rows = []
+        for row, ids in enumerate(answers):
+            ids = list(ids)[: ctx.max_new_tokens]
+            text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
+            text = text[: min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
+            result = RowResult(token_ids=ids, text=text.strip(), stats={
+                "visual_tokens_in": int(batch.is_visual[row].sum()), "visual_tokens_kept": 0,
+                "visual_tokens_by_layer": [0] * len(self.adapter.layers), "kept_visual_indices": [],
+                "prefill_s": 0.0, "decode_s": 0.0, "new_tokens": len(ids),
+            })
+            _add_method_stats(result, ctx, row)
+            rows.append(result)
         return rows
 
     def decode_step(self, ctx, cache: LayeredKVCache, tokens: torch.Tensor, next_position: torch.Tensor) -> torch.Tensor:
@@ -255,15 +279,17 @@ class _TokenDecoder:
         tokens = choose_tokens(logits, self.sampling, self.generator)
         for checker in self.checkers:
             first, masked = tokens, logits.clone()
-            for _ in range(checker.max_candidate_tries):
+            for attempt in range(checker.max_candidate_tries):
                 accepted = checker.accept(self.ctx, masked, tokens)
                 if accepted is None or bool(accepted.all()):
+                    break
+                if attempt == checker.max_candidate_tries - 1:  # every try of these rows rejected
+                    chosen = checker.fallback(self.ctx, logits, first)
+                    tokens = torch.where(accepted, tokens, first if chosen is None else chosen)
                     break
                 rejected = (~accepted).nonzero().squeeze(-1)
                 masked[rejected, tokens[rejected]] = float("-inf")
                 tokens = torch.where(accepted, tokens, choose_tokens(masked, self.sampling, self.generator))
-            else:
-                tokens = torch.where(accepted, tokens, first)  # every try rejected: fall back to the first candidate
         return tokens
 
     def run(self, logits: torch.Tensor) -> list[RowResult]:
@@ -330,6 +356,18 @@ class _BeamDecoder(_TokenDecoder):
             self.cache.reorder(parents)
             logits = self.engine.decode_step(self.ctx, self.cache, tokens, next_position)
         return [self._result(ids, None) for ids in search.best()]
+
+
+def _kept_visual_indices(is_visual: torch.Tensor, state: LayerState) -> list[list[int]]:
+    """Per row, the indices (in image-token order) of the visual tokens that reached the last layer."""
+    order = is_visual.long().cumsum(dim=1) - 1  # a prompt position -> its index among the row's visual tokens
+    return [order[row, state.source_index[row][state.is_visual[row]]].tolist() for row in range(is_visual.shape[0])]
+
+
+def _add_method_stats(result: RowResult, ctx: GenerationContext, row: int) -> None:
+    """Copy the per-sample stats methods reported (``ctx.report``) into ``result.stats``; engine keys win."""
+    for key, values in ctx.scratch.get("stats", {}).items():
+        result.stats.setdefault(key, values[row])
 
 
 def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

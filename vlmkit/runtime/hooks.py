@@ -14,9 +14,21 @@ attention    before each LLM layer, prefill and decode                   :class:
 after_layer  after each LLM layer in the prefill, with the statistics    keep mask ``[B, L]`` or None
 edit_residual  after each LLM layer, prefill and decode                  new hidden states or None
 edit_logits  after each step's logits, with the hidden states it asked   new logits ``[B, V]`` or None
+early_exit   once per batch, after prepare: answer without the model      token ids per row, or None
 accept       after the sampler proposed a token                          bool ``[B]`` (accepted) or None
+fallback     when ``accept`` rejected every try of some rows             tokens ``[B]`` or None
 after_step   once the step's tokens are final (and the beams reordered)  None
 ===========  ==========================================================  ===============================
+
+Candidate checks (greedy and sampling; beam search never calls them): the sampler proposes a token per row;
+``accept`` says which to keep; each rejected token is masked out and the row redrawn, up to
+``max_candidate_tries`` checks per step. Rows whose every check failed get ``fallback``'s token (default: the first
+candidate). ``early_exit`` skips the model for the whole batch when it returns one answer per row (a small-model
+answer, say); with any row left as None the model runs for every row.
+
+Per-row statistics of a method go to ``Generation.stats``: call ``ctx.report(key, values)`` with one value per
+sample (name keys ``<method>_<stat>``); the engine copies them when the batch is done (so a list reported early may
+still be filled in later). They never replace the engine's own keys.
 
 Positions are never recomputed after pruning: a token that survives keeps the position id (1-D, or 3-D M-RoPE) it had
 in the unpruned sequence, and decoding continues from the unpruned sequence's next position. Dropping tokens after
@@ -118,6 +130,14 @@ class GenerationContext:
     step: int = -1  # -1 during the prefill, then the index of the token being decoded
     engine: Any = None  # the runtime Engine, for interventions that run extra passes
     scratch: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None  # the call's token limit (set by the engine)
+    cache: Any = None  # the running LayeredKVCache (set by the engine; read it, never write it), to re-run a step
+
+    def report(self, key: str, values: list) -> None:
+        """Per-sample statistic ``key`` (one value per prompt), copied into each ``Generation.stats``."""
+        if len(values) != len(self.prompts):
+            raise ValueError(f"stat {key!r}: {len(values)} values for {len(self.prompts)} samples")
+        self.scratch.setdefault("stats", {})[key] = values
 
 
 class Intervention:
@@ -127,7 +147,7 @@ class Intervention:
 
     #: layers whose last-position hidden states ``edit_logits`` receives (negative indices count from the end)
     logit_hidden_layers: tuple[int, ...] = ()
-    #: how many candidates ``accept`` may reject in one step before the runtime keeps the first one
+    #: how many candidates ``accept`` checks per step before the runtime asks ``fallback``
     max_candidate_tries: int = 1
     #: whether the method handles batch > 1 (the API raises a clear error otherwise)
     supports_batch: bool = True
@@ -159,8 +179,16 @@ class Intervention:
     ) -> torch.Tensor | None:
         """Return new next-token logits ``[B, V]``; ``hidden_by_layer`` maps each requested layer to ``[B, D]``."""
 
+    def early_exit(self, ctx: GenerationContext, inputs: Any) -> list[list[int] | None] | None:
+        """After ``prepare``: token ids that answer each row without running the model. The model is skipped only
+        when every row gets an answer."""
+
     def accept(self, ctx: GenerationContext, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """Return a bool ``[B]``: which proposed ``tokens`` to accept. Rejected ones are masked out and redrawn."""
+
+    def fallback(self, ctx: GenerationContext, logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
+        """Every check of some rows failed: return the tokens ``[B]`` to emit (only those rows' entries are used;
+        ``logits`` are the step's unmasked logits). None keeps each row's ``first`` candidate."""
 
     def after_step(self, ctx: GenerationContext, tokens: torch.Tensor, parents: torch.Tensor) -> None:
         """The step's final tokens ``[B]``; ``parents[i]`` is the row that row ``i`` continues (beam search reorders
