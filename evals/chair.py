@@ -34,10 +34,12 @@ QUALIFIED_ANIMALS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", 
 
 @dataclass(frozen=True)
 class WordTables:
-    """``synonyms``: word -> node word; ``pairs``: two-word rule -> merged word."""
+    """``synonyms``: word -> node word; ``pairs``: two-word rule -> merged word; ``colours``: object words that are
+    also colours, not counted where used as a colour (empty for OPERA's tables; the world's tables hold "orange")."""
 
     synonyms: dict[str, str]
     pairs: dict[str, str]
+    colours: frozenset[str] = frozenset()
 
     @classmethod
     def from_synonyms(cls, path: str | Path | None = None) -> WordTables:
@@ -91,8 +93,18 @@ def mentions(caption: str, pipeline: WordPipeline, tables: WordTables) -> Mentio
     words = merged
     if "toilet" in words and "seat" in words:
         words = [word for word in words if word != "seat"]
+    if tables.colours:
+        words = [word for k, word in enumerate(words)
+                 if not (word in tables.colours and _colour_use(words[k + 1:k + 3], tables))]
     found = [word for word in words if word in tables.synonyms]
     return Mentions(found, [tables.synonyms[word] for word in found], len(merged))
+
+
+def _colour_use(following: list[str], tables: WordTables) -> bool:
+    """Whether a colour-or-object word is used as a colour, from the words after it: an object word ("orange
+    cat"), "and" ("orange and red cats") or "in colour" follow a colour."""
+    nxt = following[0] if following else ""
+    return nxt in tables.synonyms or nxt == "and" or following[:2] in (["in", "colour"], ["in", "color"])
 
 
 def score(

@@ -132,7 +132,8 @@ NUMBER_WORDS = {w: i for i, w in enumerate(
 def rule_rating(record: dict, pipeline=None) -> int:
     """Rate an answer against the record's structured answer ``facts`` without a judge: 6 when it agrees, 0 when
     it does not. For ``objects`` (a description): 0 if it mentions an object not in the list, 3 if it mentions
-    none, else 6 (CHAIR words, through ``pipeline``).
+    none, else 6 (CHAIR words, through ``pipeline``; OPERA's synonyms, or the world's when ``facts`` holds
+    ``"vocabulary": "world"``).
 
     ``facts`` keys: ``present`` (bool; yes/no read with the OPERA parser), ``count`` (int; first number in the
     answer, digits or words), ``larger`` with ``objects`` (which of the two is named first), ``color`` /
@@ -158,10 +159,11 @@ def rule_rating(record: dict, pipeline=None) -> int:
             accepted = facts[key] if isinstance(facts[key], list) else [facts[key]]
             return 6 if any(_contains(answer, str(p).replace("_", " ")) for p in accepted) else 0
     if "objects" in facts:
+        from vlmkit.evals import world
         from vlmkit.evals.chair import WordTables, mentions
         from vlmkit.evals.words import pipeline as make_pipeline
 
-        tables = WordTables.from_synonyms()
+        tables = world.word_tables() if facts.get("vocabulary") == "world" else WordTables.from_synonyms()
         truth = {tables.synonyms.get(str(o), str(o)) for o in facts["objects"]}
         nodes = mentions(record["model_answer"], pipeline or make_pipeline(), tables).nodes
         return 3 if not nodes else 0 if set(nodes) - truth else 6

@@ -71,7 +71,7 @@ def sweep_plot(points: Sequence[tuple[str, float, float]], task: str, path: str 
     ax.plot([p[1] for p in ordered], [scale * p[2] for p in ordered], marker="o")
     for label, x, y in ordered:
         ax.annotate(label, (x, scale * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("visual tokens kept (mean per sample)")
+    ax.set_xlabel("visual tokens kept (mean over samples and LLM layers)")
     ax.set_ylabel(metric if scale == 1 else f"{metric} (%)")
     ax.set_title(f"{task}: {metric} against kept visual tokens")
     ax.grid(alpha=0.3)

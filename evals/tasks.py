@@ -13,6 +13,7 @@ from vlmkit.evals import chair, mmhal, pope, report, runner
 from vlmkit.evals.files import checked, data_file, md5, read_records
 from vlmkit.evals.judge import Judge
 from vlmkit.evals.words import WordPipeline
+from vlmkit.evals.words import pipeline as word_pipeline
 
 CHAIR_PROMPT = "Please describe this image in detail."
 SHIPPED_POPE = {
@@ -67,8 +68,8 @@ def _data_md5s(paths: Sequence[str | Path]) -> dict[str, str]:
 # ---- CHAIR ----------------------------------------------------------------------------------------------------
 
 def score_chair(captions: list[tuple[int, str]], truth: chair.GroundTruth, pipeline: WordPipeline,
-                out: str | Path | None = None) -> dict:
-    metrics, rows = chair.score(captions, truth, pipeline)
+                out: str | Path | None = None, tables: chair.WordTables | None = None) -> dict:
+    metrics, rows = chair.score(captions, truth, pipeline, tables)
     if out is not None:
         report.write_metrics(out, metrics)
         (Path(out) / "chair_details.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -77,9 +78,10 @@ def score_chair(captions: list[tuple[int, str]], truth: chair.GroundTruth, pipel
 
 def run_chair(model: ModelRun, images: str | Path, out: str | Path, truth: chair.GroundTruth,
               pipeline: WordPipeline, *, ids: Sequence[int] | None = None, ids_file: str | Path | None = None,
-              prompt: str = CHAIR_PROMPT, limit: int | None = None) -> dict | None:
-    """Caption each image, then score. ``ids`` default: the shipped 500 OPERA ids for the shipped ground truth,
-    else every image of the ground truth."""
+              prompt: str = CHAIR_PROMPT, limit: int | None = None,
+              tables: chair.WordTables | None = None) -> dict | None:
+    """Caption each image, then score (``tables``: default OPERA's). ``ids`` default: the shipped 500 OPERA ids
+    for the shipped ground truth, else every image of the ground truth."""
     if ids is None:
         ids = chair.read_image_ids(ids_file) if ids_file or truth.shipped else sorted(truth.objects)
     ids = list(ids)[:limit]
@@ -92,7 +94,7 @@ def run_chair(model: ModelRun, images: str | Path, out: str | Path, truth: chair
     records = model.run(items, out, manifest, "chair")
     if records is None:
         return None
-    return score_chair([(r["image_id"], r["text"]) for r in records], truth, pipeline, out)
+    return score_chair([(r["image_id"], r["text"]) for r in records], truth, pipeline, out, tables)
 
 
 # ---- POPE -----------------------------------------------------------------------------------------------------
@@ -176,11 +178,14 @@ def run_pope(model: ModelRun, files: Sequence[str | Path], images: str | Path, o
 
 def score_mmhal(records: list[dict], out: str | Path | None, *, judge: Judge | None = None,
                 pipeline: WordPipeline | None = None, progress: bool = True) -> dict:
-    """Rate every record with ``judge``, or with the rules when ``judge`` is None; judgements go to
+    """Rate every record with ``judge``, or with the rules (CHAIR words by ``pipeline``) when ``judge`` is None;
+    judgements go to
     ``out/judgements.jsonl`` and metrics to ``out/metrics.json``. A :class:`JudgeError` leaves every finished
     judgement in the judge's cache."""
     from tqdm import tqdm
 
+    if judge is None:
+        pipeline = pipeline or word_pipeline()
     ratings, judgements = [], []
     for index, record in enumerate(tqdm(records, desc="mmhal judge", disable=not progress)):
         if judge is None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
-import socket
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -77,43 +77,50 @@ def test_manifest_mismatch_is_refused(tmp_path, image_dir):
         runner.run(FakeModel(), items(image_dir, 2), out, {"task": "test", "model": "b"}, progress=False)
 
 
-def shard_items(image_dir) -> list[runner.Item]:
-    prompts = ["Describe the image.", "Is there a dog?"]
-    return [runner.Item(f"q{i}", str(image_dir / f"{i % 3}.png"), prompts[i % 2]) for i in range(7)]
+SHARD_SCRIPT = """
+import sys
+
+import vlmkit
+from vlmkit.evals import runner
+from vlmkit.testing import tiny_model
+
+image_dir, out = sys.argv[1], sys.argv[2]
+vlm = vlmkit.wrap(*tiny_model("llava"))
+prompts = ["Describe the image.", "Is there a dog?"]
+items = [runner.Item(f"q{i}", f"{image_dir}/{i % 3}.png", prompts[i % 2]) for i in range(7)]
+generate = lambda images, texts: vlm.generate(images, texts, max_new_tokens=4)
+shard = runner.shard_from_env()
+runner.run(generate, items, f"{out}/two", {"task": "shard-test"}, shard=shard, progress=False)
+if shard.rank == 0:  # then the same items in one process (default Shard: world size 1)
+    runner.run(generate, items, f"{out}/one", {"task": "shard-test"}, progress=False)
+"""
 
 
-def shard_worker(rank: int, port: int, vlm, out: str, image_dir, result) -> None:
-    """One rank of a two-process gloo run (forked, so it shares the parent's imports and model)."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank)})
-    try:
-        records = runner.run(lambda images, prompts: vlm.generate(images, prompts, max_new_tokens=4),
-                             shard_items(image_dir), out, {"task": "shard-test"}, shard=runner.shard_from_env(),
-                             progress=False)
-        result.put((rank, None if records is None else [r["text"] for r in records]))
-    except BaseException as error:  # report any failure to the test
-        result.put((rank, repr(error)))
-
-
-def test_two_gloo_processes_equal_one(tmp_path, image_dir, tiny):
-    vlm = vlmkit.wrap(*tiny("llava"))
-    single = runner.run(lambda images, prompts: vlm.generate(images, prompts, max_new_tokens=4),
-                        shard_items(image_dir), tmp_path / "one", {"task": "shard-test"}, progress=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    result = context.Queue()
-    procs = [context.Process(target=shard_worker, args=(rank, port, vlm, str(tmp_path / "two"), image_dir, result))
-             for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    outcomes = dict(result.get(timeout=120) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=30)
-    assert outcomes[1] is None and outcomes[0] == [r["text"] for r in single]
-    assert sorted(p.name for p in (tmp_path / "two").glob("predictions.part*")) == \
-        ["predictions.part0.jsonl", "predictions.part1.jsonl"]
-    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
+def test_two_gloo_processes_equal_one(tmp_path, image_dir):
+    """A real torchrun launch of two gloo ranks (fresh processes, no fork after torch threads); rank 0 then
+    repeats the run alone. The merged file must equal the single-process one."""
+    script = tmp_path / "shard_run.py"
+    script.write_text(SHARD_SCRIPT)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(image_dir), str(tmp_path)]
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as launch:
+        try:
+            output, _ = launch.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(launch.pid, signal.SIGKILL)  # torchrun and both ranks
+            launch.communicate()
+            pytest.fail("the two-process run did not finish within 120 s")
+    assert launch.returncode == 0, output[-3000:]
+    two = tmp_path / "two"
+    parts = [(two / f"predictions.part{rank}.jsonl").read_text().splitlines() for rank in range(2)]
+    assert [[json.loads(line)["id"] for line in part] for part in parts] == [["q0", "q2", "q4", "q6"],
+                                                                             ["q1", "q3", "q5"]]
+    one = (tmp_path / "one" / "predictions.jsonl").read_text()
+    assert [json.loads(line)["id"] for line in one.splitlines()] == [f"q{i}" for i in range(7)]
+    assert (two / "predictions.jsonl").read_text() == one
 
 
 def main(argv: list[str]) -> int:

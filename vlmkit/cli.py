@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from vlmkit.errors import VlmkitError
 
 #: modules that each define ``add_parser(subparsers)``; the parser's ``func(args) -> int`` runs the command
-SUBCOMMANDS = ("vlmkit.cli", "vlmkit.world.cli")
+SUBCOMMANDS = ("vlmkit.cli", "vlmkit.evals.cli", "vlmkit.world.cli", "vlmkit.demo.cli")
 
 
 def add_parser(subparsers) -> None:
