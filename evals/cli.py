@@ -176,6 +176,8 @@ def _run_model(args) -> int:
                           "arguments to run the built-in world set)")
     name = args.model or WORLD_MODEL
     pruners = args.pruner or [None]
+    for spec in filter(None, pruners):
+        vlmkit.pruners.create_from_spec(spec)  # every spec of a sweep fails before any run, not after the others
     methods = (pruners if len(pruners) == 1 and pruners[0] else []) + args.decoder
     out = Path(args.out or Path("vlmkit-eval") / "-".join([args.task, _slug(name), *map(_slug, methods)]))
     shard = runner.shard_from_env()

@@ -168,3 +168,11 @@ def test_bad_input_is_one_line(argv, needle, tmp_path, capsys):
     assert main(["eval", *argv, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # (after the model's loading bar)
     assert error.startswith("vlmkit: error:") and needle in error
+
+
+def test_a_bad_spec_in_a_sweep_fails_before_any_run(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["eval", "pope", "--pruner", "uniform:keep=64", "--pruner", "nope:keep=1", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "unknown pruner 'nope'" in capsys.readouterr().err
+    assert not out.exists()
