@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,12 +66,17 @@ def sweep_plot(points: Sequence[tuple[str, float, float]], task: str, path: str 
     import matplotlib.pyplot as plt
 
     metric = HEADLINE[task]
-    ordered = sorted(points, key=lambda p: p[1])
     scale = 1 if metric in RAW_KEYS else 100
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    ax.plot([p[1] for p in ordered], [scale * p[2] for p in ordered], marker="o")
-    for label, x, y in ordered:
-        ax.annotate(label, (x, scale * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for label, kept, value in points:
+        method = re.sub(r"keep=[^,]*,?", "", label).rstrip(":,")  # the spec without its budget
+        by_method.setdefault(method, []).append((kept, scale * value))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    for method, runs in by_method.items():  # one line per method, over its budgets
+        runs.sort()
+        ax.plot([x for x, _ in runs], [y for _, y in runs], marker="o", label=method)
+    ax.legend(fontsize=7, ncol=2)
     ax.set_xlabel("visual tokens kept (mean over samples and LLM layers)")
     ax.set_ylabel(metric if scale == 1 else f"{metric} (%)")
     ax.set_title(f"{task}: {metric} against kept visual tokens")
