@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -13,8 +12,9 @@ import pytest
 from PIL import Image
 
 import vlmkit
-from vlmkit.errors import ConfigError, VlmkitError
-from vlmkit.evals import cli, runner
+from vlmkit.cli import main
+from vlmkit.errors import ConfigError
+from vlmkit.evals import runner
 from vlmkit.evals.files import data_file
 
 
@@ -121,18 +121,6 @@ def test_two_gloo_processes_equal_one(tmp_path, image_dir):
     one = (tmp_path / "one" / "predictions.jsonl").read_text()
     assert [json.loads(line)["id"] for line in one.splitlines()] == [f"q{i}" for i in range(7)]
     assert (two / "predictions.jsonl").read_text() == one
-
-
-def main(argv: list[str]) -> int:
-    """``vlmkit eval ...`` through a parser that has only the eval command (as vlmkit.cli.main does it)."""
-    parser = argparse.ArgumentParser(prog="vlmkit")
-    cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except VlmkitError as error:
-        print(f"vlmkit: error: {error}", file=sys.stderr)
-        return 2
 
 
 def test_cli_score_only_chair_and_pope(tmp_path, capsys):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from vlmkit.errors import VlmkitError
-from vlmkit.evals import chair, cli, mmhal, pope, world
+from vlmkit.cli import main
+from vlmkit.evals import chair, mmhal, pope, world
 from vlmkit.evals.files import md5
 from vlmkit.evals.words import pipeline
 from vlmkit.world import CATEGORIES, describe
@@ -85,17 +83,6 @@ def test_mmhal_set_rules_accept_the_true_answers_only():
     assert true == [6] * len(records)
     swapped = [mmhal.rule_rating({**r, "model_answer": o["gt_answer"]}) for r, o in zip(records, records[8:])]
     assert sum(swapped) / len(swapped) < 3  # another record's answer (same type) is mostly wrong
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlmkit")
-    cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except VlmkitError as error:
-        print(f"vlmkit: error: {error}", file=sys.stderr)
-        return 2
 
 
 def lines(path) -> list[dict]:
