@@ -25,6 +25,12 @@ def top_visual(scores: torch.Tensor, is_visual: torch.Tensor, budgets: list[int]
     return is_visual & (rank < budgets)
 
 
+def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Sorted indices of the ``count`` highest of one image's ``scores`` ``[N]`` (ties: earlier first, as
+    ``top_visual``)."""
+    return torch.sort(scores.float(), descending=True, stable=True).indices[:count].sort().values
+
+
 def greedy_max_min(embeds: torch.Tensor, count: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy max-min diversity on cosine distance (DivPrune); optional per-token ``weights`` multiply the
     min-distance (ZOO-Prune's SADS). Returns the picked indices in pick order.

@@ -44,7 +44,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.models.base import PreparedBatch
 from vlmkit.pruners import register
 from vlmkit.pruners.base import Pruner
-from vlmkit.pruners.select import raster_index, top_visual, visual_counts
+from vlmkit.pruners.select import raster_index, top_indices, top_visual, visual_counts
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import (AttentionRequest, GenerationContext, Intervention, LayerState, Selection,
                                   VisualTokens)
@@ -83,11 +83,6 @@ class _KeepTop(Intervention):
 
     def select_visual(self, ctx: GenerationContext, tokens: list[VisualTokens]) -> list[Selection]:
         return [Selection(keep=top_indices(s, k)) for s, k in zip(self.scores, self.budgets)]
-
-
-def top_indices(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Sorted indices of the ``count`` highest scores (ties: earlier first, as ``top_visual``)."""
-    return torch.sort(scores.float(), descending=True, stable=True).indices[:count].sort().values
 
 
 def with_answers(batch: PreparedBatch, answers: list[list[int]], pad: int) -> PreparedBatch:

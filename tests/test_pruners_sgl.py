@@ -9,7 +9,8 @@ import torch
 
 import vlmkit
 from vlmkit.errors import ConfigError
-from vlmkit.pruners.sgl import SmallGuidance, top_indices
+from vlmkit.pruners.select import top_indices
+from vlmkit.pruners.sgl import SmallGuidance
 from vlmkit.runtime.hooks import GenerationContext
 from vlmkit.testing import tiny_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +28,7 @@ class PreparedBatch:
         return self.input_ids.shape[0]
 
 
-class Adapter:
+class Adapter(ABC):
     """Base adapter. Subclasses fill in the family-specific parts."""
 
     family: str = ""
@@ -89,8 +90,9 @@ class Adapter:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return self.default_prompt(text)
 
+    @abstractmethod
     def default_prompt(self, text: str) -> str:
-        raise NotImplementedError
+        """The family's prompt format, for processors without a chat template."""
 
     def prepare(self, images: list[Image.Image], prompts: list[str]) -> PreparedBatch:
         """Run the processor on chat prompts, left-padded."""
@@ -114,9 +116,9 @@ class Adapter:
         return outputs, {}
 
     # -- vision side ----------------------------------------------------------------------------------------------
+    @abstractmethod
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
         """Vision tower + projector: one :class:`VisualTokens` per image (``attention`` filled on request)."""
-        raise NotImplementedError
 
     # -- positions ------------------------------------------------------------------------------------------------
     def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:

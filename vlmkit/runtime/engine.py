@@ -238,7 +238,8 @@ class Engine:
         for row, ids in enumerate(answers):
             ids = list(ids)[: ctx.max_new_tokens]
             text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True)
-            text = text[: min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
+            if (cut := _first_stop(text, stop)) >= 0:
+                text = text[:cut]
             result = RowResult(token_ids=ids, text=text.strip(), stats={
                 "visual_tokens_in": int(batch.is_visual[row].sum()), "visual_tokens_kept": 0,
                 "visual_tokens_by_layer": [0] * len(self.adapter.layers), "kept_visual_indices": [],
@@ -313,7 +314,7 @@ class _TokenDecoder:
                     continue
                 if self.stop or self.stream:
                     text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
-                    cut = min((i for s in self.stop if (i := text.find(s)) >= 0), default=-1)
+                    cut = _first_stop(text, self.stop)
                     if cut >= 0:
                         text, active[row] = text[:cut], False
                     if self.stream and len(text) > len(texts[row]):
@@ -362,6 +363,11 @@ def _kept_visual_indices(is_visual: torch.Tensor, state: LayerState) -> list[lis
     """Per row, the indices (in image-token order) of the visual tokens that reached the last layer."""
     order = is_visual.long().cumsum(dim=1) - 1  # a prompt position -> its index among the row's visual tokens
     return [order[row, state.source_index[row][state.is_visual[row]]].tolist() for row in range(is_visual.shape[0])]
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int:
+    """Where the earliest stop string starts in ``text``, or -1."""
+    return min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
 
 
 def _add_method_stats(result: RowResult, ctx: GenerationContext, row: int) -> None:
