@@ -10,6 +10,7 @@ import gzip
 import io
 import hashlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ DATA_DIR = Path(__file__).parent / "data"
 def data_file(relative: str) -> Path:
     """The path of a file shipped in ``vlmkit/evals/data``."""
     return DATA_DIR / relative
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so that a crash (or another rank writing
+    the same file) never leaves it half written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def read_text(path: str | Path) -> str:

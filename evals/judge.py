@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from vlmkit.errors import JudgeError
+from vlmkit.evals.files import write_atomic
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 
@@ -59,10 +60,7 @@ class Judge:
                 cache.unlink(missing_ok=True)  # a torn cache entry: ask again
         reply = self._post(payload)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"request": body, "reply": reply}))
-            os.replace(tmp, cache)
+            write_atomic(cache, json.dumps({"request": body, "reply": reply}))
         return reply
 
     def _post(self, payload: bytes) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from vlmkit.evals.files import write_atomic
 
 TABLE_KEYS = {
     "chair": ("chair_s", "chair_i", "recall", "precision", "f1", "len"),
@@ -20,12 +21,7 @@ HEADLINE = {"chair": "chair_i", "pope": "f1", "mmhal": "score"}
 
 
 def write_metrics(out_dir: str | Path, metrics: dict) -> Path:
-    path = Path(out_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
 
 
 def _cell(key: str, value: float) -> str:

@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmkit.errors import ConfigError, DataError
+from vlmkit.evals.files import write_atomic
 from vlmkit.images import load_image
 
 MANIFEST = "manifest.json"
@@ -76,9 +77,7 @@ class PredictionStore:
             raise DataError(f"{self.dir}: {len(missing)} predictions are missing (first: {missing[0]}); re-run the "
                             "same command to finish them")
         records = [done[i] for i in ids]
-        tmp = self.dir / f".{MERGED}.tmp"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        os.replace(tmp, self.dir / MERGED)
+        write_atomic(self.dir / MERGED, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         return records
 
 
@@ -129,10 +128,7 @@ def check_manifest(out_dir: str | Path, manifest: dict, *, write: bool) -> None:
             raise ConfigError(f"{Path(out_dir)} holds a different run (differs in: {', '.join(keys)}); "
                               "use a new --out folder or repeat the original settings")
     elif write:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
 # ---- processes ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmkit.evals import chair, pope
+from vlmkit.evals.files import write_atomic
 from vlmkit.world.catalog import CATEGORIES, COLORS
 from vlmkit.world.dataset import SPLIT_OFFSETS, file_name
 from vlmkit.world.render import render
@@ -66,9 +67,7 @@ def _image_id(name: str) -> int:
 
 def _write(path: Path, text: str) -> Path:
     if not path.is_file() or path.read_text() != text:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     return path
 
 
