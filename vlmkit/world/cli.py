@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     train.add_argument("--workers", type=int, default=8)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
+    train.add_argument("--init", help="start from this checkpoint (folder or builtin:NAME) instead of random weights")
+    train.add_argument("--concentric", action="store_true",
+                       help="train with CCA's concentric positions and mask (a world-*-cca twin; run it with --decoder cca)")
     train.add_argument("--device")
     train.set_defaults(func=run_train)
 
@@ -47,8 +50,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.model not in SIZES:
         raise ConfigError(f"unknown world model size {args.model!r}; choose one of {', '.join(SIZES)}")
     config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         workers=args.workers, seed=args.seed,
+                         workers=args.workers, seed=args.seed, init=args.init, concentric=args.concentric,
                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     out = train(config, args.out, device=args.device)
-    print(f"saved {args.model} to {out}")
+    print(f"saved the checkpoint to {out}")
     return 0

@@ -29,6 +29,7 @@ from vlmkit.world.scene import SIZES as SIZES_WORDS
 from vlmkit.world.tasks import MMHAL_TYPES, POPE_SUFFIX, caption_sample, mmhal_sample, presence_sample
 
 PATCH_SIZE = 14
+GRID_SIDE = IMAGE_SIZE // PATCH_SIZE  # 24: the visual tokens form a GRID_SIDE x GRID_SIDE grid
 
 SIZES: dict[str, dict] = {
     # vision: hidden, layers, heads; language: hidden, layers, heads, mlp
@@ -90,7 +91,7 @@ def world_model(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaForCondit
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, tie_word_embeddings=True,
+        image_seq_length=GRID_SIDE**2, tie_word_embeddings=True,
     )
     model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

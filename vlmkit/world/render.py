@@ -22,9 +22,8 @@ def render(scene: Scene) -> Image.Image:
     for obj in scene.objects:
         category = CATEGORIES[obj.category]
         _glyph(draw, category.shape, category.mark, obj.bbox, COLORS[obj.color])
-    noise = rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 1))
-    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
+    pixels = np.asarray(image, dtype=np.float32) + 6 * rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8))
 
 
 def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:

@@ -13,8 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import LlavaForConditionalGeneration
 
-from vlmkit.world.model import world_model, world_processor, world_tokenizer
+from vlmkit.api import resolve_model
+from vlmkit.decoders.cca import concentric_positions, ring_ids
+from vlmkit.errors import ConfigError
+from vlmkit.kernels.masks import ring_table_mask
+from vlmkit.kernels.reference import allowed_mask
+from vlmkit.world.model import GRID_SIDE, world_model, world_processor, world_tokenizer
 from vlmkit.world.render import render
 from vlmkit.world.scene import sample_scene
 from vlmkit.world.tasks import training_sample
@@ -34,12 +40,15 @@ class TrainConfig:
     seed: int = 0
     world_seed: int = 0
     workers: int = 8
+    init: str | None = None  # start from this checkpoint (a folder or builtin:NAME) instead of random weights
+    concentric: bool = False  # train with CCA's concentric positions and mask (a world-*-cca twin)
     log_every: int = 50
     max_seconds: float | None = None  # stop after this long; the schedule then runs on elapsed time, not steps
 
 
 class WorldStream(IterableDataset):
-    """An endless stream of (input_ids, labels, pixel_values) from freshly drawn train scenes."""
+    """An endless stream of (input_ids, labels, pixels) from freshly drawn train scenes. Images stay uint8 here;
+    :func:`normalize` turns them into the processor's ``pixel_values`` on the training device."""
 
     def __init__(self, processor, config: TrainConfig):
         self.processor, self.config = processor, config
@@ -51,16 +60,47 @@ class WorldStream(IterableDataset):
         while True:
             scene = sample_scene(int(rng.integers(TRAIN_IMAGE_IDS)), self.config.world_seed)
             sample = training_sample(scene, rng)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.prompt}]}]
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            encoded = self.processor(images=render(scene), text=prompt, return_tensors="pt")
+            prompt_ids = prompt_token_ids(self.processor, sample.prompt)
             answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            prompt_ids = encoded["input_ids"][0].tolist()
             yield {
                 "input_ids": torch.tensor(prompt_ids + answer),
                 "labels": torch.tensor([IGNORE] * len(prompt_ids) + answer),
-                "pixel_values": encoded["pixel_values"][0],
+                "pixels": torch.from_numpy(np.array(render(scene))),
             }
+
+
+def prompt_token_ids(processor, question: str) -> list[int]:
+    """The chat prompt's token ids with the image token expanded to the visual-token count, as the processor
+    encodes them (without preparing the image)."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    ids = []
+    for token in processor.tokenizer(prompt)["input_ids"]:
+        ids += [token] * GRID_SIDE**2 if token == image_token else [token]
+    return ids
+
+
+def normalize(pixels: torch.Tensor, image_processor) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` images (already at the model's size) -> the processor's ``pixel_values``."""
+    mean = torch.tensor(image_processor.image_mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float() * image_processor.rescale_factor - mean) / std
+
+
+def concentric_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CCA training inputs (decoders.md §3): concentric position ids ``[B, L]`` and the concentric causal mask as a
+    boolean ``[B, 1, L, L]`` (True = attend), built by the same functions the ``cca`` decoder uses at inference."""
+    batch, length = input_ids.shape
+    rings = torch.full_like(input_ids, -1)
+    grid = ring_ids(GRID_SIDE, GRID_SIDE, device=input_ids.device)
+    for row in range(batch):
+        rings[row, (input_ids[row] == image_token_id).nonzero().squeeze(-1)] = grid
+    positions = concentric_positions(torch.arange(length, device=input_ids.device).expand(batch, length), rings)
+    mask = allowed_mask(batch, 1, length, length, causal=False, key_valid=attention_mask,
+                        mask_mod=ring_table_mask(rings), device=input_ids.device)
+    return positions, mask
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -72,7 +112,7 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         n = item["input_ids"].shape[0]
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = item["input_ids"], item["labels"], 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "pixel_values": torch.stack([item["pixel_values"] for item in batch])}
+            "pixels": torch.stack([item["pixels"] for item in batch])}
 
 
 def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Path:
@@ -83,7 +123,16 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
     torch.manual_seed(config.seed)
     tokenizer = world_tokenizer()
     processor = world_processor(tokenizer)
-    model = world_model(config.model, tokenizer).to(device).train()
+    if config.init:  # the checkpoint's own size; it must share the world tokenizer
+        model = LlavaForConditionalGeneration.from_pretrained(resolve_model(config.init), dtype=torch.float32)
+        if model.config.text_config.vocab_size != len(tokenizer):
+            raise ConfigError(f"{config.init} does not use the world tokenizer ({len(tokenizer)} words)")
+    else:
+        model = world_model(config.model, tokenizer)
+    if config.concentric:
+        model.config.concentric_causal_attention = True
+    model = model.to(device).train()
+    image_token_id = model.config.image_token_id
     loader = DataLoader(
         WorldStream(processor, config), batch_size=config.batch_size, num_workers=config.workers,
         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id), persistent_workers=config.workers > 0,
@@ -99,6 +148,10 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step, batch in enumerate(loader, start=1):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        batch["pixel_values"] = normalize(batch.pop("pixels"), processor.image_processor)
+        if config.concentric:
+            batch["position_ids"], batch["attention_mask"] = concentric_inputs(
+                batch["input_ids"], batch["attention_mask"], image_token_id)
         with autocast:
             loss = model(**batch).loss
         loss.backward()
