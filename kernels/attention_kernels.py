@@ -119,7 +119,9 @@ def attention_fwd_kernel(
         kv_head = pid_bh % kv_heads
         q_row = rows % q_len
         row_ok = rows < GROUP * q_len
-        head_m = kv_head * GROUP + rows // q_len  # [BM]: each row's query head
+        # [BM]: each row's query head; spare rows past the group (GROUP * q_len < BLOCK_M) reuse its last head, so
+        # that their (masked-off) loads stay inside the group's bias and Q rows
+        head_m = kv_head * GROUP + tl.minimum(rows // q_len, GROUP - 1)
         head = head_m[:, None]
     else:
         b = pid_bh // q_heads

@@ -146,6 +146,17 @@ def test_key_bias(bias_shape):
 
 
 @kernel_case
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_packed_group_of_seven_with_head_bias(q_len):
+    """Decode packs a GQA group's heads into one block of rows; with 7 heads a group (Qwen2.5-VL-7B: 28 over 4) the
+    block has spare rows, which must not read another group's (or a missing head's) bias. The interpreter does not
+    trap such reads; on a GPU the last group's spare row read past the bias (an illegal address) before the fix."""
+    (q, k, v), gen = _inputs(41 + q_len, 2, 14, 2, q_len, 50, 64, torch.float16)
+    bias = (2 * torch.randn(2, 14, 50, generator=gen)).to(DEVICE)
+    _check(q, k, v, key_bias=bias, mass_queries=(0, q_len))
+
+
+@kernel_case
 def test_key_mass_query_span_and_key_span():
     """Mass of queries 9..33 on keys 4..29 (an image block), with GQA, padding and a bias."""
     (q, k, v), gen = _inputs(41, 2, 4, 2, 40, 40, 64, torch.bfloat16)

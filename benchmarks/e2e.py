@@ -1,0 +1,233 @@
+"""End-to-end speed on random-weight 7B-shaped models: HF ``generate`` (sdpa) against vlmkit dense, vlmkit with each
+pruner at 64 visual tokens, and vlmkit with each decoder.
+
+    python benchmarks/e2e.py --model llava-1.5-7b --out benchmarks/results/e2e-llava-1.5-7b-<device>.json
+    python benchmarks/e2e.py --model qwen2.5-vl-7b --out ...
+    python benchmarks/e2e.py --plot benchmarks/results/e2e-*.json --png docs/e2e.png
+    python benchmarks/e2e.py --tiny llava --out /tmp/e2e.json   # CPU smoke run of this script on a tiny model
+
+Per configuration, at batch 1 on one random image (576 visual tokens for both shapes):
+
+* ``ttft_ms``: time to first token. HF: ``generate(max_new_tokens=1)`` on already processed inputs; vlmkit: the
+  engine's ``prefill_s`` (vision encoder, projector, pruning and the LLM prefill; image processing excluded in both).
+* ``decode_ms_per_token``: HF: (``generate`` of N forced tokens - TTFT) / (N - 1); vlmkit: ``decode_s`` over the
+  N - 1 decode steps it ran. Medians over the repeats, after one warm-up run (Triton compiles).
+* ``e2e_ms``: wall time of one whole call (vlmkit: ``VLM.generate`` including image processing).
+* ``peak_gib``: peak allocated GPU memory over the configuration's runs, weights included.
+* POPE-style throughput (dense only): questions per second for one-word answers (3 new tokens) at batch 16 and 64,
+  wall time including image processing for both.
+
+Random weights produce gibberish, so the outputs are not compared here; token identity with the slow path is what
+the test suite checks (tests/test_parity.py). Every configuration is isolated: an error is recorded and the run
+goes on. Results are written after every configuration, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+import vlmkit
+from vlmkit.testing import SHAPED, shaped_model, tiny_model
+
+PRUNERS = ["uniform", "random", "fastv", "pdrop", "divprune", "visionzip", "fastervlm", "dart", "zoo", "agile"]
+EXTRA_PRUNERS = ["dyvte:exit_layer=2", "fastv:keep={keep},debias=exp"]
+DECODERS = ["vista", "gift", "locore", "cca:training_free=true", "sgrs"]
+COMBINED = [("divprune:keep={keep}", "vista")]  # divprune: runs on both families
+PROMPT = "Describe the image in detail."
+QUESTION = "Is there a dog in the image? Answer the question using a single word or phrase."
+
+
+def now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def random_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+class Bench:
+    def __init__(self, model, processor, image_size: int, new_tokens: int, repeats: int, out: Path, meta: dict):
+        self.model, self.processor, self.device = model, processor, model.device
+        self.image = random_images(1, image_size)[0]
+        self.image_size, self.new_tokens, self.repeats, self.out = image_size, new_tokens, repeats, out
+        self.results = {**meta, "configs": [], "throughput": []}
+
+    def save(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=1))
+
+    def record(self, name: str, run) -> None:
+        """Run one configuration (``run`` returns its measurements) and save, keeping errors as results."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            entry = {"config": name, **run()}
+        except Exception as error:  # noqa: BLE001 - one failing method must not lose the others' numbers
+            entry = {"config": name, "error": f"{type(error).__name__}: {error}"}
+        if self.device.type == "cuda":
+            entry["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self.results["configs"].append(entry)
+        print(json.dumps(entry), flush=True)
+        self.save()
+
+    # ---- HF transformers generate (sdpa) ----
+
+    def hf_inputs(self, images: list[Image.Image], prompt: str) -> dict:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+        return inputs.to(self.device)
+
+    def hf_generate(self, inputs: dict, tokens: int) -> float:
+        started = now(self.device)
+        with torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return now(self.device) - started
+
+    def hf(self) -> dict:
+        inputs = self.hf_inputs([self.image], PROMPT)
+        self.hf_generate(inputs, 2)  # warm-up
+        ttft = statistics.median(self.hf_generate(inputs, 1) for _ in range(self.repeats))
+        full = statistics.median(self.hf_generate(inputs, self.new_tokens) for _ in range(self.repeats))
+        return {"ttft_ms": 1e3 * ttft, "decode_ms_per_token": 1e3 * (full - ttft) / (self.new_tokens - 1),
+                "e2e_ms": 1e3 * full, "new_tokens": self.new_tokens}
+
+    def hf_throughput(self, batch: int) -> float:
+        images = random_images(batch, self.image_size, seed=batch)
+        self.hf_generate(self.hf_inputs(images, QUESTION), 3)  # warm-up
+        started = now(self.device)
+        for _ in range(self.repeats):
+            self.hf_generate(self.hf_inputs(images, QUESTION), 3)
+        return batch * self.repeats / (now(self.device) - started)
+
+    # ---- vlmkit ----
+
+    def vlmkit(self, vlm: vlmkit.VLM) -> dict:
+        vlm.generate(self.image, PROMPT, max_new_tokens=self.new_tokens)  # warm-up (Triton compiles)
+        runs = []
+        for _ in range(self.repeats):
+            started = now(self.device)
+            generation = vlm.generate(self.image, PROMPT, max_new_tokens=self.new_tokens)[0]
+            runs.append((now(self.device) - started, generation.stats))
+        steps = [max(1, stats["new_tokens"] - 1) for _, stats in runs]
+        stats = runs[0][1]
+        return {
+            "ttft_ms": 1e3 * statistics.median(s["prefill_s"] for _, s in runs),
+            "decode_ms_per_token": 1e3 * statistics.median(s["decode_s"] / n for (_, s), n in zip(runs, steps)),
+            "e2e_ms": 1e3 * statistics.median(wall for wall, _ in runs),
+            "new_tokens": stats["new_tokens"],
+            "visual_tokens_in": stats["visual_tokens_in"],
+            "visual_tokens_mean_over_layers": float(np.mean(stats["visual_tokens_by_layer"])),
+        }
+
+    def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int) -> float:
+        images = random_images(batch, self.image_size, seed=batch)
+        vlm.generate(images, [QUESTION] * batch, max_new_tokens=3)  # warm-up
+        started = now(self.device)
+        for _ in range(self.repeats):
+            vlm.generate(images, [QUESTION] * batch, max_new_tokens=3)
+        return batch * self.repeats / (now(self.device) - started)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.tiny:
+        model, processor = tiny_model(args.tiny)
+        name, image_size = f"tiny-{args.tiny}", 32
+    else:
+        model, processor = shaped_model(args.model, dtype=torch.bfloat16, device="cuda")
+        name, (_, sizes) = args.model, SHAPED[args.model]
+        image_size = 672 if args.model.startswith("qwen") else sizes["image_size"]
+    device = model.device
+    meta = {
+        "model": name, "weights": "random", "batch": 1, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "keep": args.keep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "vlmkit": vlmkit.__version__,
+        "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    bench = Bench(model, processor, image_size, args.new_tokens, args.repeats, Path(args.out), meta)
+    model.set_attn_implementation("sdpa")
+    bench.record("hf-sdpa", bench.hf)
+    for batch in args.batches:
+        bench.results["throughput"].append({"config": "hf-sdpa", "batch": batch,
+                                            "questions_per_s": bench.hf_throughput(batch)})
+        bench.save()
+    dense = vlmkit.wrap(model, processor)  # switches the language model's attention to vlmkit's
+    bench.record("vlmkit-dense", lambda: bench.vlmkit(dense))
+    for batch in args.batches:
+        bench.results["throughput"].append({"config": "vlmkit-dense", "batch": batch,
+                                            "questions_per_s": bench.vlmkit_throughput(dense, batch)})
+        bench.save()
+    for pruner in [f"{p}:keep={args.keep}" for p in PRUNERS] + [p.format(keep=args.keep) for p in EXTRA_PRUNERS]:
+        bench.record(pruner, lambda: bench.vlmkit(vlmkit.wrap(model, processor, pruner=pruner)))
+    for decoder in DECODERS:
+        bench.record(decoder, lambda: bench.vlmkit(vlmkit.wrap(model, processor, decoders=[decoder])))
+    for pruner, decoder in COMBINED:
+        pruner = pruner.format(keep=args.keep)
+        bench.record(f"{pruner} + {decoder}",
+                     lambda: bench.vlmkit(vlmkit.wrap(model, processor, pruner=pruner, decoders=[decoder])))
+
+
+def plot(files: list[str], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(Path(f).read_text()) for f in files]
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results)), squeeze=False)
+    for row, result in zip(axes, results):
+        configs = [c for c in result["configs"] if "error" not in c]
+        names = [c["config"] for c in configs]
+        for ax, key, label in ((row[0], "ttft_ms", "time to first token (ms)"),
+                               (row[1], "decode_ms_per_token", "decode (ms per token)")):
+            colors = ["tab:gray" if n == "hf-sdpa" else "tab:blue" if n == "vlmkit-dense" else "tab:orange"
+                      for n in names]
+            ax.barh(names, [c[key] for c in configs], color=colors)
+            ax.invert_yaxis()
+            ax.set_xlabel(label)
+            ax.set_title(f"{result['model']} (random weights), {result['device']}, batch 1", fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SHAPED), default="llava-1.5-7b")
+    parser.add_argument("--tiny", help="CPU smoke run on a tiny model of this family (llava, qwen2_5_vl)")
+    parser.add_argument("--out", help="JSON results file")
+    parser.add_argument("--keep", type=int, default=64, help="visual tokens kept by every pruner")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--plot", nargs="+", help="JSON results files to plot (no benchmark run)")
+    parser.add_argument("--png", default="docs/e2e.png")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.plot, args.png)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
