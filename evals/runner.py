@@ -31,7 +31,8 @@ MERGED = "predictions.jsonl"
 #: manifest sections that may change between runs into one folder (recorded, not compared)
 UNCOMPARED = ("versions", "created", "run")
 PACKAGES = ("vlmkit", "torch", "transformers", "tokenizers", "pillow", "nltk", "pycocotools")
-STAT_KEYS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_by_layer", "new_tokens")
+STAT_KEYS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_by_layer", "visual_tokens_mean_over_layers",
+             "prefill_tflops", "new_tokens")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ ATTENTION_BACKENDS = ("auto", "reference")
 
 @dataclass
 class Generation:
-    """One generated answer. ``stats`` holds at least visual_tokens_in, visual_tokens_kept, prefill_s, decode_s and
-    new_tokens (prefill_s and decode_s are for the whole batch the sample was generated in)."""
+    """One generated answer. ``stats`` holds at least visual_tokens_in, visual_tokens_kept, visual_tokens_by_layer,
+    visual_tokens_mean_over_layers, prefill_tflops (estimated LLM prefill FLOPs), prefill_s, decode_s and new_tokens
+    (prefill_s and decode_s are for the whole batch the sample was generated in)."""
 
     text: str
     token_ids: list[int]

@@ -13,6 +13,7 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class Engine:
         call = LayerAttention(key_valid=key_valid, backend=self.attention_backend)
         for request in requests:
             call.key_bias = _add(call.key_bias, request.key_bias)
+            call.key_abs_gain = _add(call.key_abs_gain, request.key_abs_gain)
             call.mask_mod = _and_masks(call.mask_mod, request.mask_mod)
             if request.mass_queries is not None:
                 if call.mass_queries is not None and not torch.equal(call.mass_queries, request.mass_queries):
@@ -219,11 +221,14 @@ class Engine:
         decoder = _BeamDecoder if sampling.num_beams > 1 else _TokenDecoder
         rows = decoder(self, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream).run(logits)
         decode_s = _now(device) - started - prefill_s
+        text_tokens = (batch.attention_mask.sum(dim=1) - batch.is_visual.sum(dim=1)).tolist()
         for row, result in enumerate(rows):
             result.stats = {
                 "visual_tokens_in": visual_in[row],
                 "visual_tokens_kept": visual_kept[row],
                 "visual_tokens_by_layer": visual_per_layer[row],
+                "visual_tokens_mean_over_layers": sum(visual_per_layer[row]) / len(visual_per_layer[row]),
+                "prefill_tflops": self.prefill_flops([text_tokens[row] + n for n in visual_per_layer[row]]) / 1e12,
                 "kept_visual_indices": kept_visual[row],
                 "prefill_s": prefill_s,
                 "decode_s": decode_s,
@@ -242,12 +247,27 @@ class Engine:
                 text = text[:cut]
             result = RowResult(token_ids=ids, text=text.strip(), stats={
                 "visual_tokens_in": int(batch.is_visual[row].sum()), "visual_tokens_kept": 0,
-                "visual_tokens_by_layer": [0] * len(self.adapter.layers), "kept_visual_indices": [],
-                "prefill_s": 0.0, "decode_s": 0.0, "new_tokens": len(ids),
+                "visual_tokens_by_layer": [0] * len(self.adapter.layers), "visual_tokens_mean_over_layers": 0.0,
+                "prefill_tflops": 0.0, "kept_visual_indices": [], "prefill_s": 0.0, "decode_s": 0.0, "new_tokens": len(ids),
             })
             _add_method_stats(result, ctx, row)
             rows.append(result)
         return rows
+
+    def prefill_flops(self, tokens_by_layer: list[int]) -> float:
+        """Estimated FLOPs of one sample's language-model prefill, from the tokens each layer processed:
+        ``sum_l 2 n_l P + 2 n_l^2 d`` (``P`` the layer's matrix parameters, ``d`` the attention width, causal
+        attention counted as half of ``4 n^2 d``) plus the final vocabulary projection of one position. The vision
+        encoder and the methods' own extra passes are not counted."""
+        config = self.adapter.text_config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        width = config.num_attention_heads * head_dim
+        flops = sum(2 * n * params + 2 * n * n * width for n, params in zip(tokens_by_layer, self._layer_params))
+        return float(flops + 2 * self.adapter.lm_head.weight.numel())
+
+    @functools.cached_property
+    def _layer_params(self) -> list[int]:
+        return [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in self.adapter.layers]
 
     def decode_step(self, ctx, cache: LayeredKVCache, tokens: torch.Tensor, next_position: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; return the next logits ``[B, V]``."""
