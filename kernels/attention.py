@@ -31,7 +31,8 @@ Logits are masked by causality (bottom-right aligned), ``key_valid`` (``[B, Lk]`
 kernel, so ``mask_mod`` must be a :class:`~vlmkit.kernels.masks.TritonMask`: a torch implementation (what the
 reference calls) and a ``triton.jit`` function of ``(b, h, q_idx, kv_idx, params)`` that is compiled into the kernel
 as a ``tl.constexpr``, FlexAttention-style; :func:`~vlmkit.kernels.masks.concentric_causal_mask` (CCA) is built in.
-``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits. Rows with no allowed key give output 0 and LSE -inf.
+``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits, after ``key_abs_gain`` (same shape) turned each
+logit ``s`` into ``s + g·|s|``. Rows with no allowed key give output 0 and LSE -inf.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     key_bias: torch.Tensor | None = None,
+    key_abs_gain: torch.Tensor | None = None,
     mask_mod: TritonMask | None = None,
     key_valid: torch.Tensor | None = None,
     key_lens: torch.Tensor | None = None,
@@ -111,7 +113,7 @@ def attention(
     if key_lens is not None:
         from_lens = torch.arange(k_len, device=q.device) >= (k_len - key_lens.to(q.device)).view(-1, 1)
         key_valid = from_lens if key_valid is None else key_valid.bool() & from_lens
-    masks = _MaskArgs.build(q, key_valid, key_bias, mask_mod, batch, q_heads, k_len)
+    masks = _MaskArgs.build(q, key_valid, key_bias, key_abs_gain, mask_mod, batch, q_heads, k_len)
     if out is None:
         out = torch.empty(batch, q_len, q_heads, head_dim, device=q.device, dtype=q.dtype)
     elif out.shape != (batch, q_len, q_heads, head_dim) or out.dtype != q.dtype:
@@ -148,13 +150,13 @@ def attention(
         l_strides = (dst_lse.stride(0), dst_lse.stride(1), dst_lse.stride(3), dst_lse.stride(2))
 
     kernels.attention_fwd_kernel[(row_blocks, batch * heads_axis, num_splits)](
-        q, k, v, dst, dst_lse, masks.valid, masks.bias, masks.params,
+        q, k, v, dst, dst_lse, masks.valid, masks.bias, masks.gain, masks.params,
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides,
-        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.params_stride,
-        q_heads, q_len, k_len, keys_per_split, qk_scale,
+        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.gain_stride_b, masks.gain_stride_h,
+        masks.params_stride, q_heads, q_len, k_len, keys_per_split, qk_scale,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         PACK_GROUP=packed, CAUSAL=causal, HAS_VALID=masks.has_valid, HAS_BIAS=masks.has_bias,
-        HAS_MASK=masks.fn is not None, MASK_FN=masks.fn, PRECISION=precision,
+        HAS_GAIN=masks.has_gain, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn, PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
@@ -192,13 +194,14 @@ def _key_mass(kernels, q, k, lse, masks, mass_queries, mass_keys, causal, qk_sca
         return key_mass
     config = KEY_MASS_CONFIGS[kind]
     kernels.key_mass_kernel[(_cdiv(key_end - key_start, config.block_n), batch * q_heads)](
-        q, k, lse, weights, masks.valid, masks.bias, masks.params, key_mass,
+        q, k, lse, weights, masks.valid, masks.bias, masks.gain, masks.params, key_mass,
         *q.stride(), *k.stride(), *w_strides,
-        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.params_stride,
-        q_heads, q_len, k_len, q_start, q_end, key_start, key_end, qk_scale,
+        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.gain_stride_b, masks.gain_stride_h,
+        masks.params_stride, q_heads, q_len, k_len, q_start, q_end, key_start, key_end, qk_scale,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         CAUSAL=causal, HAS_WEIGHTS=isinstance(mass_queries, torch.Tensor), HAS_VALID=masks.has_valid,
-        HAS_BIAS=masks.has_bias, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn, PRECISION=precision,
+        HAS_BIAS=masks.has_bias, HAS_GAIN=masks.has_gain, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn,
+        PRECISION=precision,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return key_mass
@@ -216,33 +219,43 @@ class _MaskArgs:
     bias_stride_b: int
     bias_stride_h: int
     has_bias: bool
+    gain: torch.Tensor
+    gain_stride_b: int
+    gain_stride_h: int
+    has_gain: bool
     params: torch.Tensor
     params_stride: int
     fn: object
 
     @classmethod
-    def build(cls, q, key_valid, key_bias, mask_mod, batch, q_heads, k_len) -> _MaskArgs:
+    def build(cls, q, key_valid, key_bias, key_abs_gain, mask_mod, batch, q_heads, k_len) -> _MaskArgs:
         valid, valid_stride = q, 0
         if key_valid is not None:
             if key_valid.shape[-1] != k_len or key_valid.shape[0] not in (1, batch):
                 raise ValueError(f"key_valid must be [B or 1, {k_len}], got {tuple(key_valid.shape)}")
             valid = key_valid.to(device=q.device, dtype=torch.bool).reshape(-1, k_len).contiguous().view(torch.uint8)
             valid_stride = k_len if valid.shape[0] > 1 else 0
-        bias, bias_b, bias_h = q, 0, 0
-        if key_bias is not None:
-            if key_bias.dim() != 3 or key_bias.shape[0] not in (1, batch) or key_bias.shape[1] not in (1, q_heads) \
-                    or key_bias.shape[2] != k_len:
-                raise ValueError(f"key_bias must be [B or 1, Hq or 1, {k_len}], got {tuple(key_bias.shape)}")
-            bias = key_bias.to(q.device).contiguous()
-            bias_b = bias.stride(0) if bias.shape[0] > 1 else 0
-            bias_h = bias.stride(1) if bias.shape[1] > 1 else 0
+        bias, bias_b, bias_h = _per_key(q, key_bias, "key_bias", batch, q_heads, k_len)
+        gain, gain_b, gain_h = _per_key(q, key_abs_gain, "key_abs_gain", batch, q_heads, k_len)
         params, params_stride, fn = q, 0, None
         if mask_mod is not None:
             params = mask_mod.params.to(device=q.device, dtype=torch.int32).contiguous()
             params_stride = params.shape[1] if params.shape[0] > 1 else 0
             fn = mask_mod.jit_function()
         return cls(valid, valid_stride, key_valid is not None, bias, bias_b, bias_h, key_bias is not None,
-                   params, params_stride, fn)
+                   gain, gain_b, gain_h, key_abs_gain is not None, params, params_stride, fn)
+
+
+def _per_key(q, tensor, name, batch, q_heads, k_len) -> tuple[torch.Tensor, int, int]:
+    """A ``[B or 1, Hq or 1, Lk]`` per-key input (``key_bias``, ``key_abs_gain``) and its batch and head strides
+    (0 where broadcast); absent: a dummy pointer the kernel never reads."""
+    if tensor is None:
+        return q, 0, 0
+    if tensor.dim() != 3 or tensor.shape[0] not in (1, batch) or tensor.shape[1] not in (1, q_heads) \
+            or tensor.shape[2] != k_len:
+        raise ValueError(f"{name} must be [B or 1, Hq or 1, {k_len}], got {tuple(tensor.shape)}")
+    tensor = tensor.to(q.device).contiguous()
+    return tensor, tensor.stride(0) if tensor.shape[0] > 1 else 0, tensor.stride(1) if tensor.shape[1] > 1 else 0
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod) -> None:

@@ -51,11 +51,11 @@ def _allowed(b, head, q_idx, kv_idx, kv_end, key_valid, mask_params,
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, key_valid, mask_params,
+def _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, gain_ptrs, key_valid, mask_params,
                   start, end, d_ok, qk_scale, stride_kn, stride_vn,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, CHECK_END: tl.constexpr, EVEN_D: tl.constexpr,
-                  HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_FN: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
+                  MASK_FN: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over the key blocks ``start, start + BLOCK_N, ... < end``.
 
     Keeps, per query row, the running maximum ``m_i`` of the (base-2) logits, the running sum ``l_i`` of
@@ -70,6 +70,8 @@ def _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, k
         kv_ok = kv < end
         k = _load(k_ptrs + n0 * stride_kn, d_ok[:, None] & kv_ok[None, :], CHECK_END or not EVEN_D)  # [BD, BN]
         s = _dot(q, k, PRECISION) * qk_scale
+        if HAS_GAIN:  # s + g|s| commutes with the positive scale, so it applies to base-2 logits as well
+            s += tl.load(gain_ptrs + kv[None, :], mask=kv_ok[None, :], other=0.0).to(tl.float32) * tl.abs(s)
         if HAS_BIAS:
             s += tl.load(bias_ptrs + kv[None, :], mask=kv_ok[None, :], other=0.0).to(tl.float32) * LOG2E
         if APPLY_MASK:
@@ -89,18 +91,18 @@ def _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, k
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, KeyValid, KeyBias, MaskParams,
+    Q, K, V, Out, Lse, KeyValid, KeyBias, KeyGain, MaskParams,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_os, stride_od,
     stride_lb, stride_lh, stride_lm, stride_ls,
-    stride_valid_b, stride_bias_b, stride_bias_h, stride_params_b,
+    stride_valid_b, stride_bias_b, stride_bias_h, stride_gain_b, stride_gain_h, stride_params_b,
     q_heads, q_len, k_len, keys_per_split, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK_GROUP: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_FN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_FN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` query rows of one batch row against the keys of one split.
 
@@ -155,18 +157,19 @@ def attention_fwd_kernel(
     v_ptrs = V + b * stride_vb + kv_head * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vn \
         + offs_d[None, :] * stride_vd
     bias_ptrs = KeyBias + b * stride_bias_b + head * stride_bias_h
+    gain_ptrs = KeyGain + b * stride_gain_b + head * stride_gain_h
     key_valid = KeyValid + b * stride_valid_b
     mask_params = MaskParams + b * stride_params_b
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, key_valid,
-                                  mask_params, lo, mid, d_ok, qk_scale, stride_kn, stride_vn, BLOCK_N,
-                                  False, False, EVEN_D, HAS_VALID, HAS_BIAS, HAS_MASK, MASK_FN, PRECISION)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, key_valid,
-                                  mask_params, mid, hi, d_ok, qk_scale, stride_kn, stride_vn, BLOCK_N,
-                                  CAUSAL, True, EVEN_D, HAS_VALID, HAS_BIAS, HAS_MASK, MASK_FN, PRECISION)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, gain_ptrs,
+                                  key_valid, mask_params, lo, mid, d_ok, qk_scale, stride_kn, stride_vn, BLOCK_N,
+                                  False, False, EVEN_D, HAS_VALID, HAS_BIAS, HAS_GAIN, HAS_MASK, MASK_FN, PRECISION)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, gain_ptrs,
+                                  key_valid, mask_params, mid, hi, d_ok, qk_scale, stride_kn, stride_vn, BLOCK_N,
+                                  CAUSAL, True, EVEN_D, HAS_VALID, HAS_BIAS, HAS_GAIN, HAS_MASK, MASK_FN, PRECISION)
 
     # Rows with no allowed key (l = 0) give output 0 and LSE -inf.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -211,16 +214,16 @@ def combine_splits_kernel(
 
 @triton.jit
 def key_mass_kernel(
-    Q, K, Lse, Weights, KeyValid, KeyBias, MaskParams, KeyMass,
+    Q, K, Lse, Weights, KeyValid, KeyBias, KeyGain, MaskParams, KeyMass,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_wb, stride_wm,
-    stride_valid_b, stride_bias_b, stride_bias_h, stride_params_b,
+    stride_valid_b, stride_bias_b, stride_bias_h, stride_gain_b, stride_gain_h, stride_params_b,
     q_heads, q_len, k_len, q_start, q_end, key_start, key_end, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-    HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_FN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASK_FN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Second pass: ``KeyMass[b, h, n - key_start] = Σ_rows w_row · exp(s[row, n] - lse[row])`` for one block of keys.
 
@@ -243,6 +246,9 @@ def key_mass_kernel(
     if HAS_BIAS:
         bias = tl.load(KeyBias + b * stride_bias_b + head * stride_bias_h + kv, mask=kv_ok, other=0.0)
         bias = bias.to(tl.float32)[None, :] * LOG2E
+    if HAS_GAIN:
+        gain = tl.load(KeyGain + b * stride_gain_b + head * stride_gain_h + kv, mask=kv_ok, other=0.0)
+        gain = gain.to(tl.float32)[None, :]
     key_valid = KeyValid + b * stride_valid_b
     mask_params = MaskParams + b * stride_params_b
 
@@ -263,6 +269,8 @@ def key_mass_kernel(
             q = tl.load(Q + b * stride_qb + head * stride_qh + q_row[:, None] * stride_qm
                         + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             s = _dot(q, k, PRECISION) * qk_scale
+            if HAS_GAIN:
+                s += gain * tl.abs(s)
             if HAS_BIAS:
                 s += bias
             allowed = _allowed(b, head, (q_row + k_len - q_len)[:, None], kv[None, :], key_end, key_valid,

@@ -2,16 +2,17 @@
 
 The runtime sets it on the language model only (``model.set_attn_implementation({"text_config": "vlmkit"})``); the
 vision tower keeps its own implementation. For each layer call, the runtime passes a :class:`LayerAttention` through
-the decoder layer's ``**kwargs`` (keyword ``vlmkit_attention``): key padding, logit biases, a ``mask_mod`` and the
-statistics it wants. The function writes the statistics back into that object. Without one (a plain HF forward or
-``generate``), it behaves like sdpa with the mask transformers built.
+the decoder layer's ``**kwargs`` (keyword ``vlmkit_attention``): key padding, logit biases and gains, a ``mask_mod``
+and the statistics it wants. The function writes the statistics back into that object. Without one (a plain HF
+forward or ``generate``), it behaves like sdpa with the mask transformers built.
 
 Backends for a call with a :class:`LayerAttention` (``backend="auto"``): CUDA tensors go to the fused Triton kernel
-(:func:`vlmkit.kernels.attention`) when the call asks for statistics, a bias or a mask, and for plain prefill calls
-(faster than sdpa with the padding mask a plain call needs); plain decode steps (up to 16 queries) stay on sdpa,
-whose host overhead per eager launch is lower (``docs/kernel.md``). On the CPU, or for a ``mask_mod`` that is a plain
-callable rather than a :class:`~vlmkit.kernels.masks.TritonMask`, statistics and masks use the torch reference and
-plain calls use sdpa. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
+(:func:`vlmkit.kernels.attention`) when the call asks for statistics, a bias, a gain or a mask, and for plain
+prefill calls (faster than sdpa with the padding mask a plain call needs); plain decode steps (up to 16 queries) stay
+on sdpa, whose host overhead per eager launch is lower (``docs/kernel.md``). On the CPU, or for a ``mask_mod`` that
+is a plain callable rather than a :class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the
+torch reference and plain calls use sdpa. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of
+narrowing it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class LayerAttention:
 
     key_valid: torch.Tensor  # [B, Lk] bool, False for padding or dropped slots
     key_bias: torch.Tensor | None = None  # [B or 1, Hq or 1, Lk] added to every query row's logits
+    key_abs_gain: torch.Tensor | None = None  # [B or 1, Hq or 1, Lk]: every row's logit s -> s + g|s| (before bias)
     mask_mod: MaskMod | None = None  # (b, h, q_idx, kv_idx) -> bool, q_idx in key-index space
     mass_queries: torch.Tensor | tuple[int, int] | None = None  # rows whose softmax mass is summed per key
     backend: str = "auto"  # "auto": fastest available path; "reference": always the torch reference
@@ -50,6 +52,8 @@ class LayerAttention:
         self.key_valid = self.key_valid.to(device)
         if self.key_bias is not None:
             self.key_bias = self.key_bias.to(device)
+        if self.key_abs_gain is not None:
+            self.key_abs_gain = self.key_abs_gain.to(device)
         if isinstance(self.mass_queries, torch.Tensor):
             self.mass_queries = self.mass_queries.to(device)
 
@@ -72,17 +76,18 @@ def vlmkit_attention(
     call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
     causal = not getattr(call.mask_mod, "includes_causal", False)
     plain_decode = query.shape[2] <= FEW_QUERIES and not call.needs_statistics and call.key_bias is None \
-        and call.mask_mod is None
+        and call.mask_mod is None and call.key_abs_gain is None
     if call.backend == "auto" and not plain_decode and _triton_can_run(query, call.mask_mod):
         out, call.stats = fused_attention(
-            query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,
-            key_valid=call.key_valid, mass_queries=call.mass_queries,
+            query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, key_abs_gain=call.key_abs_gain,
+            mask_mod=call.mask_mod, key_valid=call.key_valid, mass_queries=call.mass_queries,
         )
         return out, None
-    if call.backend == "reference" or call.needs_statistics or call.mask_mod is not None:
+    if call.backend == "reference" or call.needs_statistics or call.mask_mod is not None \
+            or call.key_abs_gain is not None:  # sdpa cannot scale logits
         out, call.stats = attention_reference(
-            query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, mask_mod=call.mask_mod,
-            key_valid=call.key_valid, mass_queries=call.mass_queries,
+            query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, key_abs_gain=call.key_abs_gain,
+            mask_mod=call.mask_mod, key_valid=call.key_valid, mass_queries=call.mass_queries,
         )
         return out, None
     batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]

@@ -6,6 +6,9 @@ Conventions shared with :func:`vlmkit.kernels.attention`:
 * Queries are the *last* ``Lq`` positions of the ``Lk`` keys (bottom-right causal alignment, as in FlashAttention),
   so query row ``i`` sits at key index ``Lk - Lq + i``. ``mask_mod`` receives that absolute index as ``q_idx``.
 * ``key_valid [B, Lk]`` marks real keys (False for padding). Rows whose query is padding are computed but meaningless.
+* ``key_abs_gain [B or 1, Hq or 1, Lk]`` scales each key's scaled logit ``s`` to ``s + g * |s|`` (PAI's image
+  attention excitation), before ``key_bias`` is added. The map is 1-homogeneous, so it commutes with the positive
+  logit scale (the kernel applies it to base-2 logits).
 * ``mass_queries`` selects which query rows contribute to ``key_mass``: a ``(start, end)`` pair of query-row indices,
   or a ``[B, Lq]`` 0/1 (or weight) tensor. ``mass_keys`` is a ``(start, end)`` pair of key indices (default: all).
 * The output is ``[B, Lq, Hq, D]``, the layout transformers' attention functions return.
@@ -79,6 +82,7 @@ def attention_reference(
     mass_queries=None,
     mass_keys: tuple[int, int] | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    key_abs_gain: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention by the definition: materialise the logits in ``compute_dtype`` (float64 for the test oracle)."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -89,6 +93,9 @@ def attention_reference(
     group = q_heads // kv_heads
     qf = q.to(compute_dtype).view(batch, kv_heads, group, q_len, head_dim)
     logits = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.to(compute_dtype)).reshape(batch, q_heads, q_len, k_len) * scale
+    if key_abs_gain is not None:
+        gain = key_abs_gain.to(compute_dtype).view(key_abs_gain.shape[0], key_abs_gain.shape[1], 1, k_len)
+        logits = logits + gain * logits.abs()
     if key_bias is not None:
         logits = logits + key_bias.to(compute_dtype).view(key_bias.shape[0], key_bias.shape[1], 1, k_len)
     allowed = allowed_mask(

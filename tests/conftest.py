@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from vlmkit.decoders.base import Decoder
+from vlmkit.models.base import unpack_features
 from vlmkit.testing import tiny_model
 
 
@@ -39,3 +43,53 @@ def prompts() -> list[str]:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_refs():
+    """For the contrastive-decoder tests: ``Spy`` (a decoder recording the logits that reach it) and explicit HF
+    forwards of one sample with its image (``image_logits``) and without it (``text_logits``)."""
+    return SimpleNamespace(Spy=Spy, image_logits=hf_logits, text_logits=hf_text_logits)
+
+
+class Spy(Decoder):
+    """Records the logits that reach it at every step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def edit_logits(self, ctx, logits, hidden_by_layer):
+        self.seen.append(logits.clone())
+
+
+def hf_logits(model, batch, generated: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
+    """Last-position logits of one sample's prompt followed by ``generated``: one plain HF forward (no cache) with
+    the image features placed by hand (the tiny Qwen generates ``<|image_pad|>``, which HF's own placement would
+    count as an image token)."""
+    new = torch.tensor([generated], dtype=torch.long)
+    ids = torch.cat([batch.input_ids, new], dim=1)
+    grid = {k: v for k, v in batch.vision_inputs.items() if k == "image_grid_thw"}
+    with torch.no_grad():
+        features = torch.cat(unpack_features(model.model.get_image_features(pixel_values=pixel_values, **grid)))
+        embeds = model.get_input_embeddings()(ids)
+        embeds[:, : batch.input_ids.shape[1]][batch.is_visual] = features.to(embeds.dtype)
+        positions = None
+        if grid:  # Qwen: M-RoPE ids from the model's own get_rope_index
+            types = torch.cat([batch.extra["mm_token_type_ids"], torch.zeros_like(new)], dim=1)
+            positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=types, **grid)
+        out = model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), position_ids=positions)
+    return out.logits[0, -1].float()
+
+
+def hf_text_logits(model, batch, generated: list[int]) -> torch.Tensor:
+    """The same without the image: the prompt's image tokens (and Qwen's vision start/end) removed, 1-D positions."""
+    config = model.config
+    dropped = batch.is_visual[0].clone()
+    for key in ("vision_start_token_id", "vision_end_token_id"):
+        if (token := getattr(config, key, None)) is not None:
+            dropped |= batch.input_ids[0] == token
+    ids = torch.cat([batch.input_ids[0][~dropped], torch.tensor(generated, dtype=torch.long)])[None]
+    with torch.no_grad():
+        out = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=torch.ones_like(ids),
+                    position_ids=torch.arange(ids.shape[1])[None])
+    return out.logits[0, -1].float()

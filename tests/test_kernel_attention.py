@@ -145,6 +145,48 @@ def test_key_bias(bias_shape):
     _check(q, k, v, key_bias=bias)
 
 
+def _gain(gen, shape, k_len):
+    """A per-key gain on about half the keys (PAI: alpha on the image keys), some negative."""
+    gain = torch.rand(shape, generator=gen) * (torch.rand(shape[0], 1, k_len, generator=gen) < 0.5)
+    gain[..., :3] = -0.5
+    return gain.to(DEVICE)
+
+
+def test_key_abs_gain_reference_by_hand():
+    """The reference's gain is s + g|s| on the scaled logits, before the bias: softmax written out by hand."""
+    (q, k, v), gen = _inputs(71, 2, 4, 2, 6, 9, 16, torch.float32)
+    gain, bias = _gain(gen, (2, 4, 9), 9).cpu(), torch.randn(2, 1, 9, generator=gen)
+    out, stats = attention_reference(q.cpu(), k.cpu(), v.cpu(), key_abs_gain=gain, key_bias=bias,
+                                     mass_queries=(0, 6), compute_dtype=torch.float64)
+    kk, vv = (t.cpu().double().repeat_interleave(2, dim=1) for t in (k, v))
+    s = q.cpu().double() @ kk.transpose(-1, -2) / 4.0
+    s = s + gain.double()[:, :, None] * s.abs() + bias.double()[:, :, None]
+    s = s.masked_fill(torch.ones(6, 9, dtype=torch.bool).triu(4), float("-inf"))
+    probs = s.softmax(-1)
+    torch.testing.assert_close(out.double(), (probs @ vv).transpose(1, 2), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats.key_mass.double(), probs.sum(2), atol=1e-6, rtol=1e-6)
+    plain, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), key_abs_gain=torch.zeros(1, 1, 9))
+    torch.testing.assert_close(plain, attention_reference(q.cpu(), k.cpu(), v.cpu())[0], atol=0, rtol=0)
+
+
+@kernel_case
+@pytest.mark.parametrize(
+    "seed, dtype, gain_shape, q_len, num_splits",
+    [
+        (72, torch.float16, (2, 4, 40), 40, None),  # prefill, per-head gain, with bias and key mass
+        (73, torch.float32, (1, 1, 40), 40, None),  # broadcast gain
+        (74, torch.bfloat16, (2, 1, 40), 1, 2),  # decode: packed GQA rows, split-KV, left padding
+    ],
+)
+def test_key_abs_gain(seed, dtype, gain_shape, q_len, num_splits):
+    (q, k, v), gen = _inputs(seed, 2, 4, 2, q_len, 40, 64, dtype)
+    key_valid = torch.ones(2, 40, dtype=torch.bool, device=DEVICE)
+    key_valid[1, :7] = False
+    bias = torch.randn(2, 1, 40, generator=gen).to(DEVICE)
+    _check(q, k, v, key_abs_gain=_gain(gen, gain_shape, 40), key_bias=bias, key_valid=key_valid,
+           mass_queries=(0, q_len), num_splits=num_splits)
+
+
 @kernel_case
 @pytest.mark.parametrize("q_len", [1, 2])
 def test_packed_group_of_seven_with_head_bias(q_len):

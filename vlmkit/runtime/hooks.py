@@ -85,12 +85,15 @@ class AttentionRequest:
 
     ``mass_queries`` is a bool/float ``[B, Lq]`` weight over the layer's query rows (use the helpers on
     :class:`LayerState`); the runtime then hands the per-key mass ``[B, Hq, Lk]`` to ``after_layer``.
-    ``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits. ``mask_mod`` further restricts the causal mask.
+    ``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits. ``key_abs_gain`` (same shape) turns every query
+    row's scaled logit ``s`` for each key into ``s + g * |s|`` before the bias is added (PAI). Biases and gains of
+    several interventions add up. ``mask_mod`` further restricts the causal mask.
     """
 
     mass_queries: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
     mask_mod: MaskMod | None = None
+    key_abs_gain: torch.Tensor | None = None
 
 
 @dataclass

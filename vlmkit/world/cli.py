@@ -1,4 +1,5 @@
-"""``vlmkit world build --out DIR --n N --seed S`` and ``vlmkit world train --model world-tiny --out DIR``."""
+"""``vlmkit world build --out DIR --n N --seed S``, ``vlmkit world train --model world-tiny --out DIR`` and
+``vlmkit world train-dyvte-gates --out FILE``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def add_parser(subparsers) -> None:
                        help="train with CCA's concentric positions and mask (a world-*-cca twin; run it with --decoder cca)")
     train.add_argument("--device")
     train.set_defaults(func=run_train)
+
+    from vlmkit.pruners import dyvte_train
+
+    gates = commands.add_parser("train-dyvte-gates", help="train DyVTE exit gates for a world model (CPU, minutes)")
+    dyvte_train.add_arguments(gates)
+    gates.set_defaults(func=dyvte_train.run)
 
 
 def run_build(args: argparse.Namespace) -> int:
