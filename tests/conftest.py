@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,11 @@ from PIL import Image
 from vlmkit.decoders.base import Decoder
 from vlmkit.models.base import unpack_features
 from vlmkit.testing import tiny_model
+
+# The tiny models' ops are far too small to gain from intra-op threads, and on a shared 2-core machine extra threads
+# make them many times slower. Child processes (the interpreter run, torchrun) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +53,11 @@ def _deterministic():
 
 @pytest.fixture(scope="session")
 def hf_refs():
-    """For the contrastive-decoder tests: ``Spy`` (a decoder recording the logits that reach it) and explicit HF
-    forwards of one sample with its image (``image_logits``) and without it (``text_logits``)."""
-    return SimpleNamespace(Spy=Spy, image_logits=hf_logits, text_logits=hf_text_logits)
+    """For the contrastive-decoder tests: ``Spy`` (a decoder recording the logits that reach it), explicit HF
+    forwards of one sample with its image (``image_logits``) and without it (``text_logits``), and
+    ``batch_equals_single``."""
+    return SimpleNamespace(Spy=Spy, image_logits=hf_logits, text_logits=hf_text_logits,
+                           batch_equals_single=batch_equals_single)
 
 
 class Spy(Decoder):
@@ -60,6 +68,22 @@ class Spy(Decoder):
 
     def edit_logits(self, ctx, logits, hidden_by_layer):
         self.seen.append(logits.clone())
+
+
+def batch_equals_single(model, processor, decoder: str, images, prompts) -> None:
+    """A batch of two gives each row the tokens and the per-step logits it gets alone."""
+    import vlmkit
+
+    spy = Spy()
+    vlm = vlmkit.wrap(model, processor, decoders=[decoder, spy])
+    batched = vlm.generate(images[:2], prompts[:2], max_new_tokens=4)
+    batched_logits, spy.seen = spy.seen, []
+    for row in range(2):
+        single = vlm.generate(images[row], prompts[row], max_new_tokens=4)[0]
+        assert single.token_ids == batched[row].token_ids
+        for step, logits in enumerate(spy.seen):
+            torch.testing.assert_close(logits[0], batched_logits[step][row], atol=1e-4, rtol=1e-4)
+        spy.seen = []
 
 
 def hf_logits(model, batch, generated: list[int], pixel_values: torch.Tensor) -> torch.Tensor:

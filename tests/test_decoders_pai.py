@@ -113,17 +113,7 @@ def test_refinement_is_cfg_of_hf_forwards_with_and_without_image(tiny, hf_refs, 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_batch_equals_one_at_a_time(tiny, hf_refs, images, prompts, family):
-    model, processor = tiny(family)
-    spy = hf_refs.Spy()
-    vlm = vlmkit.wrap(model, processor, decoders=["pai:alpha=1", spy])
-    batched = vlm.generate(images[:2], prompts[:2], max_new_tokens=4)
-    batched_logits, spy.seen = spy.seen, []
-    for row in range(2):
-        single = vlm.generate(images[row], prompts[row], max_new_tokens=4)[0]
-        assert single.token_ids == batched[row].token_ids
-        for step, logits in enumerate(spy.seen):
-            torch.testing.assert_close(logits[0], batched_logits[step][row], atol=1e-4, rtol=1e-4)
-        spy.seen = []
+    hf_refs.batch_equals_single(*tiny(family), "pai:alpha=1", images, prompts)
 
 
 def test_beam_search_with_gain_and_refinement(tiny, hf_refs, images, prompts):
