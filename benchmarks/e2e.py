@@ -41,7 +41,7 @@ from vlmkit.testing import SHAPED, shaped_model, tiny_model
 
 PRUNERS = ["uniform", "random", "fastv", "pdrop", "divprune", "visionzip", "fastervlm", "dart", "zoo", "agile"]
 EXTRA_PRUNERS = ["dyvte:exit_layer=2", "fastv:keep={keep},debias=exp"]
-DECODERS = ["vista", "gift", "locore", "cca:training_free=true", "sgrs", "vcd", "pai"]
+DECODERS = ["vista", "gift", "locore", "cca:training_free=true", "sgrs", "vcd", "pai", "var"]
 COMBINED = [("divprune:keep={keep}", "vista")]  # divprune: runs on both families
 PROMPT = "Describe the image in detail."
 QUESTION = "Is there a dog in the image? Answer the question using a single word or phrase."

@@ -12,6 +12,6 @@ create = REGISTRY.create
 create_from_spec = REGISTRY.create_from_spec
 available = REGISTRY.available
 
-from vlmkit.decoders import cca, gift, locore, pai, sgrs, vcd, vista  # noqa: E402  (registration side effects)
+from vlmkit.decoders import cca, gift, locore, pai, sgrs, var, vcd, vista  # noqa: E402  (registration side effects)
 
 __all__ = ["Decoder", "REGISTRY", "available", "create", "create_from_spec", "register"]

@@ -27,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from vlmkit.kernels.attention import FEW_QUERIES
 from vlmkit.kernels.attention import attention as fused_attention
 from vlmkit.kernels.masks import TritonMask
-from vlmkit.kernels.reference import AttentionStats, MaskMod, allowed_mask, attention_reference
+from vlmkit.kernels.reference import AttentionStats, MaskMod, ProbsMod, allowed_mask, attention_reference
 
 IMPLEMENTATION = "vlmkit"
 
@@ -40,6 +40,7 @@ class LayerAttention:
     key_bias: torch.Tensor | None = None  # [B or 1, Hq or 1, Lk] added to every query row's logits
     key_abs_gain: torch.Tensor | None = None  # [B or 1, Hq or 1, Lk]: every row's logit s -> s + g|s| (before bias)
     mask_mod: MaskMod | None = None  # (b, h, q_idx, kv_idx) -> bool, q_idx in key-index space
+    probs_mod: ProbsMod | None = None  # edits the probabilities [B, Hq, Lq, Lk]: torch reference path only
     mass_queries: torch.Tensor | tuple[int, int] | None = None  # rows whose softmax mass is summed per key
     backend: str = "auto"  # "auto": fastest available path; "reference": always the torch reference
     stats: AttentionStats | None = field(default=None, repr=False)
@@ -76,18 +77,20 @@ def vlmkit_attention(
     call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
     causal = not getattr(call.mask_mod, "includes_causal", False)
     plain_decode = query.shape[2] <= FEW_QUERIES and not call.needs_statistics and call.key_bias is None \
-        and call.mask_mod is None and call.key_abs_gain is None
-    if call.backend == "auto" and not plain_decode and _triton_can_run(query, call.mask_mod):
+        and call.mask_mod is None and call.key_abs_gain is None and call.probs_mod is None
+    fusable = call.probs_mod is None and _triton_can_run(query, call.mask_mod)
+    if call.backend == "auto" and not plain_decode and fusable:
         out, call.stats = fused_attention(
             query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, key_abs_gain=call.key_abs_gain,
             mask_mod=call.mask_mod, key_valid=call.key_valid, mass_queries=call.mass_queries,
         )
         return out, None
     if call.backend == "reference" or call.needs_statistics or call.mask_mod is not None \
-            or call.key_abs_gain is not None:  # sdpa cannot scale logits
+            or call.key_abs_gain is not None or call.probs_mod is not None:  # sdpa cannot scale logits
         out, call.stats = attention_reference(
             query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, key_abs_gain=call.key_abs_gain,
             mask_mod=call.mask_mod, key_valid=call.key_valid, mass_queries=call.mass_queries,
+            probs_mod=call.probs_mod,
         )
         return out, None
     batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]

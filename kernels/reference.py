@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+ProbsMod = Callable[[torch.Tensor], torch.Tensor]
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -83,8 +84,11 @@ def attention_reference(
     mass_keys: tuple[int, int] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     key_abs_gain: torch.Tensor | None = None,
+    probs_mod: ProbsMod | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
-    """Attention by the definition: materialise the logits in ``compute_dtype`` (float64 for the test oracle)."""
+    """Attention by the definition: materialise the logits in ``compute_dtype`` (float64 for the test oracle).
+    ``probs_mod`` edits the softmax probabilities ``[B, Hq, Lq, Lk]`` before they weigh the values (and the key
+    mass); it exists only here, as the torch path's escape hatch for post-softmax methods."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if q_heads % kv_heads:
@@ -104,6 +108,8 @@ def attention_reference(
     logits = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # fully masked rows give zeros, not NaN
+    if probs_mod is not None:
+        probs = probs_mod(probs)
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs.view(batch, kv_heads, group, q_len, k_len), v.to(compute_dtype))
     out = out.reshape(batch, q_heads, q_len, head_dim).transpose(1, 2).to(q.dtype)
     key_mass = None

@@ -84,6 +84,7 @@ class Engine:
             call.key_bias = _add(call.key_bias, request.key_bias)
             call.key_abs_gain = _add(call.key_abs_gain, request.key_abs_gain)
             call.mask_mod = _and_masks(call.mask_mod, request.mask_mod)
+            call.probs_mod = _compose(call.probs_mod, request.probs_mod)
             if request.mass_queries is not None:
                 if call.mass_queries is not None and not torch.equal(call.mass_queries, request.mass_queries):
                     raise ConfigError(f"two interventions ask for different attention statistics at layer {layer}")
@@ -404,6 +405,12 @@ def _and_masks(a, b):
     if a is None or b is None:
         return a or b
     return lambda bi, h, q, k: a(bi, h, q, k) & b(bi, h, q, k)
+
+
+def _compose(first, then):
+    if first is None or then is None:
+        return first or then
+    return lambda probs: then(first(probs))
 
 
 def _now(device: torch.device) -> float:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlmkit.kernels.reference import AttentionStats, MaskMod
+from vlmkit.kernels.reference import AttentionStats, MaskMod, ProbsMod
 
 if TYPE_CHECKING:
     from vlmkit.models.base import Adapter
@@ -87,13 +87,16 @@ class AttentionRequest:
     :class:`LayerState`); the runtime then hands the per-key mass ``[B, Hq, Lk]`` to ``after_layer``.
     ``key_bias`` (``[B or 1, Hq or 1, Lk]``) is added to the logits. ``key_abs_gain`` (same shape) turns every query
     row's scaled logit ``s`` for each key into ``s + g * |s|`` before the bias is added (PAI). Biases and gains of
-    several interventions add up. ``mask_mod`` further restricts the causal mask.
+    several interventions add up. ``mask_mod`` further restricts the causal mask. ``probs_mod`` edits the softmax
+    probabilities ``[B, Hq, Lq, Lk]`` of the call (post-softmax methods, VAR); it runs only on the torch reference
+    attention, so a layer that asks for it is not fused. Several compose in order.
     """
 
     mass_queries: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
     mask_mod: MaskMod | None = None
     key_abs_gain: torch.Tensor | None = None
+    probs_mod: ProbsMod | None = None
 
 
 @dataclass
