@@ -149,8 +149,7 @@ def run(args: argparse.Namespace) -> None:
         name, image_size = f"tiny-{args.tiny}", 32
     else:
         model, processor = shaped_model(args.model, dtype=torch.bfloat16, device="cuda")
-        name, (_, sizes) = args.model, SHAPED[args.model]
-        image_size = 672 if args.model.startswith("qwen") else sizes["image_size"]
+        name, image_size = args.model, SHAPED[args.model][1]["image_size"]
     device = model.device
     meta = {
         "model": name, "weights": "random", "batch": 1, "new_tokens": args.new_tokens, "repeats": args.repeats,

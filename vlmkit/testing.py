@@ -66,7 +66,8 @@ TINY = {
     },
 }
 
-#: random-weight models with the real checkpoints' shapes (for GPU benchmarks; both give 576 visual tokens)
+#: random-weight models with the real checkpoints' shapes (for GPU benchmarks); an image of ``image_size`` pixels gives
+#: 576 visual tokens on both
 SHAPED = {
     "llava-1.5-7b": ("llava", {
         "image_size": 336, "patch_size": 14, "vocab": 32000,
@@ -75,7 +76,7 @@ SHAPED = {
                  "num_key_value_heads": 32, "max_position_embeddings": 4096},
     }),
     "qwen2.5-vl-7b": ("qwen2_5_vl", {
-        "patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 672 * 672, "vocab": 152064,  # 672 px: 576 tokens
+        "image_size": 672, "patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 672 * 672, "vocab": 152064,
         "vision": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 3584, "intermediate_size": 3420,
                    "num_heads": 16, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
         "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
