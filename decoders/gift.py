@@ -42,7 +42,7 @@ import re
 import torch
 
 from vlmkit.decoders import register
-from vlmkit.decoders.base import Decoder
+from vlmkit.decoders.base import Decoder, over_current_keys
 from vlmkit.errors import ConfigError
 from vlmkit.kernels.interface import LayerAttention
 from vlmkit.models.base import PreparedBatch
@@ -207,11 +207,7 @@ class Gift(Decoder):
         if ctx.step < 0:
             scratch["bias"][layer] = self.prompt_bias(ctx, layer, state, scratch)
             return None
-        prompt_bias = scratch["bias"][layer]  # [B, H, L_layer]
-        rows = torch.arange(state.hidden.shape[0], device=prompt_bias.device) // ctx.num_beams
-        keys = state.key_valid.shape[1]
-        bias = torch.nn.functional.pad(prompt_bias[rows], (0, keys - prompt_bias.shape[-1]))
-        return AttentionRequest(key_bias=bias)
+        return AttentionRequest(key_bias=over_current_keys(scratch["bias"][layer], state))  # [B, H, L_layer]
 
     def prompt_bias(self, ctx: GenerationContext, layer: int, state: LayerState, scratch: dict) -> torch.Tensor:
         """Stage B's bias over this layer's prompt keys, from the last row's attention; also recompute that row."""

@@ -44,10 +44,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from vlmkit.decoders import register
-from vlmkit.decoders.base import Decoder
+from vlmkit.decoders.base import Decoder, over_current_keys
 from vlmkit.decoders.branch import Branch
 from vlmkit.errors import ConfigError
 from vlmkit.kernels.interface import LayerAttention
@@ -102,10 +101,8 @@ class PayAttentionToImage(Decoder):
             scratch["visual"][layer] = state.is_visual
             scratch["row"] = (state.hidden[:, -1:], state.positions[..., -1:])
             return None
-        visual = scratch["visual"][layer]  # [B, L_layer] prompt keys of this layer; decoded keys are text
-        rows = torch.arange(state.hidden.shape[0], device=visual.device) // ctx.num_beams
-        gain = F.pad(visual[rows].float() * self.alpha, (0, state.key_valid.shape[1] - visual.shape[1]))
-        return AttentionRequest(key_abs_gain=gain[:, None])
+        visual = over_current_keys(scratch["visual"][layer], state)  # decoded keys are text
+        return AttentionRequest(key_abs_gain=visual[:, None].float() * self.alpha)
 
     def edit_residual(self, ctx: GenerationContext, layer: int, state: LayerState) -> torch.Tensor | None:
         scratch = ctx.scratch.get(self.name)

@@ -38,7 +38,7 @@ from functools import partial
 import torch
 
 from vlmkit.decoders import register
-from vlmkit.decoders.base import Decoder
+from vlmkit.decoders.base import Decoder, over_current_keys
 from vlmkit.errors import ConfigError
 from vlmkit.runtime.hooks import AttentionRequest, GenerationContext, LayerState
 
@@ -101,11 +101,6 @@ class VisualAttentionRedistribution(Decoder):
             dims = scratch["dims"].to(state.hidden.device)
             scratch["layers"][layer] = (sink_tokens(state.hidden, state.valid, dims, self.tau),
                                         state.is_visual & state.valid)
-        sink, visual = scratch["layers"][layer]
-        rows = state.key_valid.shape[0]
-        if rows != sink.shape[0]:  # beam search: each sample's rows are its beams
-            sink, visual = (m.repeat_interleave(rows // m.shape[0], dim=0) for m in (sink, visual))
-        extra = state.key_valid.shape[1] - sink.shape[1]  # generated tokens, cached after the prompt
-        sink, visual = (torch.nn.functional.pad(m, (0, extra)) for m in (sink, visual))
+        sink, visual = (over_current_keys(mask, state) for mask in scratch["layers"][layer])
         return AttentionRequest(probs_mod=partial(redistribute, sink=sink, visual=visual, p=self.p, rho=self.rho,
                                                   summ=self.summ))

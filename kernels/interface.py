@@ -11,8 +11,8 @@ Backends for a call with a :class:`LayerAttention` (``backend="auto"``): CUDA te
 prefill calls (faster than sdpa with the padding mask a plain call needs); plain decode steps (up to 16 queries) stay
 on sdpa, whose host overhead per eager launch is lower (``docs/kernel.md``). On the CPU, or for a ``mask_mod`` that
 is a plain callable rather than a :class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the
-torch reference and plain calls use sdpa. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of
-narrowing it.
+torch reference and plain calls use sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on
+the torch reference. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
 """
 
 from __future__ import annotations

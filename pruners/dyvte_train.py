@@ -72,17 +72,6 @@ class _Snapshots(Intervention):
         self.states.append(LayerState(state.hidden, state.valid, state.is_visual, state.positions, state.source_index))
 
 
-class _From:
-    """The adapter, walking only ``layers[start:]``: :meth:`Engine.run_layers` over it runs copy B's remaining
-    layers (a fresh cache per pass; layers store their keys under their own index)."""
-
-    def __init__(self, adapter, start: int):
-        self._adapter, self.layers = adapter, adapter.layers[start:]
-
-    def __getattr__(self, name):
-        return getattr(self._adapter, name)
-
-
 def _append_answers(batch: PreparedBatch, answers: Sequence[Sequence[int]],
                     pad_id: int) -> tuple[PreparedBatch, torch.Tensor]:
     """The prompt batch with each row's answer ids appended (re-padded on the left), and a bool ``[B, L]`` mask of
@@ -158,14 +147,14 @@ def branched_pass(vlm, images, prompts: Sequence[str], answers: Sequence[Sequenc
     for row, answer in enumerate(answers):
         targets[row, :len(answer)] = torch.tensor(list(answer))
     is_prompt = batch.attention_mask.bool() & ~is_answer
+    tail = Engine(adapter, attention_backend=vlm.engine.attention_backend)  # copy B: no intervention
     features, exits = [], []
     for layer, snapshot in enumerate(snapshots.states):
         prompt_state = Engine.compact(snapshot, is_prompt.gather(1, snapshot.source_index.clamp(min=0)))
         features.append(gate_features(prompt_state).float().cpu())  # as DyVTE.after_layer computes them
         if layer < num_layers - 1:
-            tail = Engine(_From(adapter, layer + 1), attention_backend=vlm.engine.attention_backend)
             exited, _, _ = tail.run_layers(ctx, Engine.compact(snapshot, ~snapshot.is_visual),
-                                           LayeredKVCache(num_layers), set())
+                                           LayeredKVCache(num_layers), set(), start=layer + 1)
             exits.append(_answer_logits(adapter, exited, predicts, width))
     return BranchedPass(torch.stack(features, dim=1), targets, _answer_logits(adapter, final, predicts, width),
                         exits)

@@ -152,7 +152,7 @@ class SmallGuidance(Pruner):
         from vlmkit.runtime.sampling import SamplingConfig
 
         small = self.small_vlm(ctx)
-        adapter, count = small.adapter, len(small.adapter.layers)
+        adapter = small.adapter
         batch = adapter.prepare(ctx.images, ctx.prompts)
         grids = _Grids()
         sub = GenerationContext(adapter=adapter, prompts=ctx.prompts, images=ctx.images)

@@ -52,6 +52,19 @@ def _deterministic():
 
 
 @pytest.fixture(scope="session")
+def decode():
+    """``decode(model, processor, images, prompts, *decoders, max_new_tokens=6)`` -> the generated token ids."""
+    import vlmkit
+
+    def run(model, processor, images, prompts, *decoders: str, max_new_tokens: int = 6) -> list[list[int]]:
+        outputs = vlmkit.wrap(model, processor, decoders=list(decoders)).generate(
+            images, prompts, max_new_tokens=max_new_tokens)
+        return [g.token_ids for g in outputs]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def hf_refs():
     """For the contrastive-decoder tests: ``Spy`` (a decoder recording the logits that reach it), explicit HF
     forwards of one sample with its image (``image_logits``) and without it (``text_logits``), and

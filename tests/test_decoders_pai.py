@@ -58,15 +58,13 @@ def tokens_of(outputs):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_neutral_is_greedy(tiny, images, prompts, family):
+def test_neutral_is_greedy(tiny, decode, images, prompts, family):
     model, processor = tiny(family)
-    greedy = tokens_of(vlmkit.wrap(model, processor).generate(images, prompts, max_new_tokens=6))
-    assert tokens_of(vlmkit.wrap(model, processor, decoders=["pai:alpha=0,gamma=1"]).generate(
-        images, prompts, max_new_tokens=6)) == greedy
+    greedy = decode(model, processor, images, prompts)
+    assert decode(model, processor, images, prompts, "pai:alpha=0,gamma=1") == greedy
     if family == "qwen2_5_vl":  # the tiny LLaVA's tokens do not move (its logits do)
         for spec in ["pai:alpha=3,gamma=1", "pai:alpha=0,gamma=3"]:
-            assert tokens_of(vlmkit.wrap(model, processor, decoders=[spec]).generate(
-                images, prompts, max_new_tokens=6)) != greedy
+            assert decode(model, processor, images, prompts, spec) != greedy
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

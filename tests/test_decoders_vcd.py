@@ -38,14 +38,12 @@ def tokens_of(outputs):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_alpha_zero_is_greedy(tiny, images, prompts, family):
+def test_alpha_zero_is_greedy(tiny, decode, images, prompts, family):
     model, processor = tiny(family)
-    greedy = tokens_of(vlmkit.wrap(model, processor).generate(images, prompts, max_new_tokens=6))
-    assert tokens_of(vlmkit.wrap(model, processor, decoders=["vcd:alpha=0"]).generate(
-        images, prompts, max_new_tokens=6)) == greedy
+    greedy = decode(model, processor, images, prompts)
+    assert decode(model, processor, images, prompts, "vcd:alpha=0") == greedy
     if family == "qwen2_5_vl":  # the tiny LLaVA's tokens do not move (its logits do)
-        assert tokens_of(vlmkit.wrap(model, processor, decoders=["vcd:alpha=3"]).generate(
-            images, prompts, max_new_tokens=6)) != greedy
+        assert decode(model, processor, images, prompts, "vcd:alpha=3") != greedy
 
 
 @pytest.mark.parametrize("family, pruner", [("llava", None), ("qwen2_5_vl", None), ("qwen2_5_vl", "uniform:keep=4")])

@@ -92,10 +92,11 @@ class Engine:
         return call
 
     def run_layers(
-        self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int]
+        self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int],
+        start: int = 0,
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
-        """Walk every decoder layer once. Returns the final state, the requested last-position hidden states and,
-        in the prefill, the number of visual tokens of each row that each layer processed."""
+        """Walk the decoder layers from ``start`` once. Returns the final state, the requested last-position hidden
+        states and, in the prefill, the number of visual tokens of each row that each walked layer processed."""
         adapter = self.adapter
         prefill = ctx.step < 0
         pruners = self._with("after_layer") if prefill else []
@@ -103,7 +104,7 @@ class Engine:
         rotary = adapter.rotary(state.hidden, state.positions)
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
-        for index, layer in enumerate(adapter.layers):
+        for index, layer in enumerate(adapter.layers[start:], start=start):
             if prefill:
                 visual_counts.append(state.is_visual.sum(dim=1))
             key_valid = cache.extend_valid(index, state.valid)
