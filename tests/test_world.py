@@ -245,3 +245,23 @@ def test_concentric_training_from_a_checkpoint(world_io, tmp_path):
         train(TrainConfig(model="world-micro", steps=1, batch_size=2, workers=0, init=str(tmp_path / "other")),
               tmp_path / "never", device="cpu")
     assert not (tmp_path / "never" / "config.json").exists()
+
+
+def test_init_vision_copies_only_the_vision_tower(world_io, tmp_path):
+    from vlmkit.errors import ConfigError
+    from vlmkit.world.model import world_model
+    from vlmkit.world.train import copy_vision_tower
+
+    tokenizer, processor = world_io
+    torch.manual_seed(1)
+    donor = world_model("world-micro", tokenizer)
+    donor.save_pretrained(tmp_path / "donor")
+    torch.manual_seed(2)
+    model = world_model("world-micro", tokenizer)
+    language_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    copy_vision_tower(model, str(tmp_path / "donor"))
+    donor_vision = donor.model.vision_tower.state_dict()
+    assert all(torch.equal(v, donor_vision[k]) for k, v in model.model.vision_tower.state_dict().items())
+    assert all(torch.equal(v, language_before[k]) for k, v in model.model.language_model.state_dict().items())
+    with pytest.raises(ConfigError, match="vision tower differs"):
+        copy_vision_tower(model, "builtin:world-tiny")

@@ -34,7 +34,7 @@ GRID_SIDE = IMAGE_SIZE // PATCH_SIZE  # 24: the visual tokens form a GRID_SIDE x
 SIZES: dict[str, dict] = {
     # vision: hidden, layers, heads; language: hidden, layers, heads, mlp
     "world-tiny": {"vision": (192, 4, 3), "text": (256, 6, 4, 768)},
-    "world-small": {"vision": (256, 6, 4), "text": (448, 8, 7, 1344)},
+    "world-small": {"vision": (192, 4, 3), "text": (448, 8, 7, 1344)},  # world-tiny's tower (--init-vision)
     "world-micro": {"vision": (32, 1, 2), "text": (64, 2, 2, 128)},  # smoke tests of the training code only
 }
 

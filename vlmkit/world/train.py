@@ -41,6 +41,7 @@ class TrainConfig:
     world_seed: int = 0
     workers: int = 8
     init: str | None = None  # start from this checkpoint (a folder or builtin:NAME) instead of random weights
+    init_vision: str | None = None  # copy the vision tower from this checkpoint (same vision config)
     concentric: bool = False  # train with CCA's concentric positions and mask (a world-*-cca twin)
     log_every: int = 50
     max_seconds: float | None = None  # stop after this long; the schedule then runs on elapsed time, not steps
@@ -129,6 +130,8 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
             raise ConfigError(f"{config.init} does not use the world tokenizer ({len(tokenizer)} words)")
     else:
         model = world_model(config.model, tokenizer)
+    if config.init_vision:
+        copy_vision_tower(model, config.init_vision)
     if config.concentric:
         model.config.concentric_causal_attention = True
     model = model.to(device).train()
@@ -172,6 +175,18 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
     (out / "training.json").write_text(json.dumps({"config": asdict(config), "device": _device_name(device),
                                                    "torch": torch.__version__, "log": log}, indent=1))
     return out
+
+
+def copy_vision_tower(model: LlavaForConditionalGeneration, source: str) -> None:
+    """Load ``source``'s trained vision tower into ``model`` (as LLaVA starts from a trained CLIP tower)."""
+    donor = LlavaForConditionalGeneration.from_pretrained(resolve_model(source), dtype=torch.float32)
+    def architecture(config) -> dict:
+        return {key: value for key, value in config.to_dict().items() if key != "dtype"}
+
+    if architecture(donor.config.vision_config) != architecture(model.config.vision_config):
+        raise ConfigError(f"{source}'s vision tower differs from the one being trained; --init-vision needs the "
+                          "same vision config")
+    model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
 
 
 def _lr_factor(step: int, config: TrainConfig, elapsed: float) -> float:
