@@ -2,7 +2,8 @@
 
 Each column shows its answer as it streams, then the kept visual tokens as an overlay on the image, latency and
 token counts, and the objects it names marked present or hallucinated (world examples: the scene's ground truth;
-uploads: an opt-in open_clip check). Images reach the page only as inline data URIs, never as server paths.
+uploads: a CLIP check, by default the built-in world CLIP model once it is shipped). Images reach the page only as
+inline data URIs, never as server paths.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ NONE = "none"
 DEFAULT_COLUMNS = ((NONE, NONE), ("fastv:keep=64", NONE), (NONE, "vista"))
 SUMMARY_HEADERS = ["column", "pruner", "decoder", "visual tokens kept", "prefill s", "decode s", "new tokens",
                    "objects named", "hallucinated"]
-CLIP_NOTE = ("No built-in world CLIP model exists yet, so uploaded images are checked only when the app is started "
-             "with `--clip-model ARCH:PRETRAINED` (open_clip, e.g. `ViT-B-32:laion2b_s34b_b79k`).")
+#: ``build_app``'s default ``clip_model``: ``builtin:world-clip`` when that checkpoint is shipped, else no check
+AUTO = "auto"
+CLIP_NOTE = ("Objects named for uploaded images are not checked: start the app with `--clip-model builtin:world-clip` "
+             "(the world CLIP model) or an open_clip `ARCH:PRETRAINED` (e.g. `ViT-B-32:laion2b_s34b_b79k`).")
 
 
 @dataclass(frozen=True)
@@ -166,17 +169,23 @@ def build_app(
     model: str | VLM = DEFAULT_MODEL,
     *,
     columns: int = 3,
-    clip_model: str | None = None,
+    clip_model: str | None = AUTO,
     max_new_tokens: int = 96,
     concurrency_limit: int = 1,
     examples: int = 8,
     device: str | None = None,
 ) -> gr.Blocks:
     """The demo as a queued ``gr.Blocks`` (launch it with :func:`launch`). ``model`` is anything ``vlmkit.load``
-    takes, or a loaded :class:`VLM`; ``clip_model`` (``ARCH:PRETRAINED``) turns on the presence check for uploads."""
+    takes, or a loaded :class:`VLM`; ``clip_model`` checks the objects named for uploads (:class:`ClipPresence`:
+    ``builtin:world-clip``, a world CLIP folder or open_clip ``ARCH:PRETRAINED``; ``"auto"``: ``builtin:world-clip``
+    when shipped; None: no check)."""
     if columns not in (2, 3):
         raise ConfigError(f"columns must be 2 or 3, got {columns}")
     base = vlmkit.load(model, device=device) if isinstance(model, str) else model
+    if clip_model == AUTO:
+        from vlmkit.world.clip import BUILTIN, builtin_available
+
+        clip_model = BUILTIN if builtin_available() else None
     clip = ClipPresence(clip_model, device=str(base.model.device)) if clip_model else None
     world = {e.label: e for e in world_examples(examples)}
     pruner_choices, decoder_choices = method_choices()

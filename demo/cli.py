@@ -11,7 +11,10 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--columns", type=int, choices=[2, 3], default=3)
-    demo.add_argument("--clip-model", help="open_clip ARCH:PRETRAINED for the presence check on uploaded images")
+    demo.add_argument("--clip-model", default="auto",
+                      help="presence check of the objects named for uploaded images: builtin:world-clip, a world CLIP "
+                           "folder or open_clip ARCH:PRETRAINED; auto (default): builtin:world-clip when shipped; "
+                           "none: no check")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--concurrency", type=int, default=1, help="requests generating at the same time")
     demo.add_argument("--device")
@@ -21,7 +24,8 @@ def add_parser(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from vlmkit.demo.app import build_app, launch
 
-    app = build_app(args.model, columns=args.columns, clip_model=args.clip_model, max_new_tokens=args.max_new_tokens,
+    clip_model = None if args.clip_model == "none" else args.clip_model
+    app = build_app(args.model, columns=args.columns, clip_model=clip_model, max_new_tokens=args.max_new_tokens,
                     concurrency_limit=args.concurrency, device=args.device)
     launch(app, host=args.host, port=args.port)
     return 0

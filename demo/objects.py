@@ -1,4 +1,4 @@
-"""Objects a generated text mentions, and whether each is in the image (world ground truth or an open_clip check)."""
+"""Objects a generated text mentions, and whether each is in the image (world ground truth or a CLIP check)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import html
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -76,17 +77,25 @@ def highlight(text: str, mentions: list[Mention]) -> str:
 
 
 class ClipPresence:
-    """Zero-shot presence check with open_clip: a mentioned object counts as present when its prompt
-    ("a photo of a {word}.") ranks among the ``top_k`` of the 50 world categories for the image.
+    """Presence check of the objects a text mentions, with a CLIP model.
 
-    ``spec`` is ``ARCH:PRETRAINED`` (e.g. ``ViT-B-32:laion2b_s34b_b79k``), a bare ``ARCH`` (random weights: tests
-    only) or ``hf-hub:ORG/NAME``. The model loads here, through open_clip's own download cache, so a bad spec fails
-    at start-up rather than in the UI.
+    ``spec`` ``builtin:world-clip`` or a folder written by ``vlmkit world train-clip`` is the world CLIP model
+    (vlmkit.world.clip), trained for this check: a category counts as present when its probability exceeds 0.5.
+    Any other ``spec`` is a zero-shot open_clip model: ``ARCH:PRETRAINED`` (e.g. ``ViT-B-32:laion2b_s34b_b79k``), a
+    bare ``ARCH`` (random weights: tests only) or ``hf-hub:ORG/NAME``, loaded through open_clip's own download cache;
+    a mentioned object counts as present when its prompt ("a photo of a {word}.") ranks among the ``top_k`` of the
+    50 world categories for the image. Models load here, so a bad spec fails at start-up rather than in the UI.
     """
 
     def __init__(self, spec: str, top_k: int = 5, device: str = "cpu"):
+        if spec.startswith("builtin:") or Path(spec).is_dir():
+            from vlmkit.world.clip import load_world_clip
+
+            self.world = load_world_clip(spec, device)
+            return
         import open_clip
 
+        self.world = None
         if spec.startswith("hf-hub:"):
             arch, pretrained = spec, ""
         else:
@@ -105,7 +114,9 @@ class ClipPresence:
 
     @torch.no_grad()
     def present(self, image: Image.Image) -> set[str]:
-        """The categories CLIP ranks in its top ``top_k`` for ``image``."""
+        """The categories in ``image``: the world CLIP's above-0.5 ones, or an open_clip model's top ``top_k``."""
+        if self.world is not None:
+            return self.world.present(image)
         features = self.model.encode_image(self.preprocess(image).unsqueeze(0).to(self.device)).float()
         scores = torch.nn.functional.normalize(features, dim=-1) @ self.text.T
         names = list(CATEGORIES)

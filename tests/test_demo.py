@@ -127,7 +127,7 @@ def test_clip_presence_ranks_the_categories(tiny_clip):
 
 
 def test_without_clip_uploads_are_not_judged(world_tiny):
-    app = build_app(world_tiny, columns=2, examples=1)
+    app = build_app(world_tiny, columns=2, examples=1, clip_model=None)
     config = json.dumps(app.config)
     assert CLIP_NOTE in config and "Column C" not in config and "/work" not in config
 

@@ -1,4 +1,5 @@
-"""``vlmkit world build --out DIR --n N --seed S``, ``vlmkit world train --model world-tiny --out DIR`` and
+"""``vlmkit world build --out DIR --n N --seed S``, ``vlmkit world train --model world-tiny --out DIR``,
+``vlmkit world train-clip --out DIR``, ``vlmkit world eval-clip --model builtin:world-clip`` and
 ``vlmkit world train-dyvte-gates --out FILE``."""
 
 from __future__ import annotations
@@ -26,10 +27,30 @@ def add_parser(subparsers) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
     train.add_argument("--init", help="start from this checkpoint (folder or builtin:NAME) instead of random weights")
+    train.add_argument("--init-vision", help="copy the vision tower of this checkpoint (same vision config)")
     train.add_argument("--concentric", action="store_true",
                        help="train with CCA's concentric positions and mask (a world-*-cca twin; run it with --decoder cca)")
     train.add_argument("--device")
     train.set_defaults(func=run_train)
+
+    clip = commands.add_parser("train-clip", help="train the world CLIP presence checker (GPU)")
+    clip.add_argument("--out", required=True, help="output folder for the checkpoint")
+    clip.add_argument("--steps", type=int, default=100_000)
+    clip.add_argument("--batch-size", type=int, default=128)
+    clip.add_argument("--lr", type=float, default=2e-3)
+    clip.add_argument("--workers", type=int, default=8)
+    clip.add_argument("--seed", type=int, default=0)
+    clip.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
+    clip.add_argument("--device")
+    clip.set_defaults(func=run_train_clip)
+
+    eval_clip = commands.add_parser("eval-clip", help="precision / recall / F1 of a world CLIP presence check")
+    eval_clip.add_argument("--model", default="builtin:world-clip", help="builtin:world-clip or a train-clip folder")
+    eval_clip.add_argument("--n", type=int, default=500, help="number of val-split images")
+    eval_clip.add_argument("--seed", type=int, default=0, help="world seed")
+    eval_clip.add_argument("--batch-size", type=int, default=50)
+    eval_clip.add_argument("--device")
+    eval_clip.set_defaults(func=run_eval_clip)
 
     from vlmkit.pruners import dyvte_train
 
@@ -57,8 +78,39 @@ def run_train(args: argparse.Namespace) -> int:
     if args.model not in SIZES:
         raise ConfigError(f"unknown world model size {args.model!r}; choose one of {', '.join(SIZES)}")
     config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         workers=args.workers, seed=args.seed, init=args.init, concentric=args.concentric,
+                         workers=args.workers, seed=args.seed, init=args.init, init_vision=args.init_vision,
+                         concentric=args.concentric,
                          max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     out = train(config, args.out, device=args.device)
     print(f"saved the checkpoint to {out}")
+    return 0
+
+
+def run_train_clip(args: argparse.Namespace) -> int:
+    from vlmkit.world.clip import ClipTrainConfig, train_clip
+
+    config = ClipTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
+                             seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    train_clip(config, args.out, device=args.device)
+    print(f"saved the world CLIP checkpoint to {args.out}")
+    return 0
+
+
+def run_eval_clip(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmkit.errors import ConfigError
+    from vlmkit.world.clip import evaluate_presence, load_world_clip
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}")
+    clip = load_world_clip(args.model, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = evaluate_presence(clip.probabilities, n=args.n, seed=args.seed, batch_size=args.batch_size)
+    print(f"presence check on {args.n} val images x 50 categories (present: probability > 0.5)")
+    print(f"precision {result['precision']:.3f}  recall {result['recall']:.3f}  F1 {result['f1']:.3f}  "
+          f"macro F1 {result['macro_f1']:.3f}  accuracy {result['accuracy']:.3f}")
+    print(f"chance: F1 {result['base_rate']:.3f} (guessing at the base rate), accuracy {1 - result['base_rate']:.3f} "
+          "(always absent)")
+    worst = sorted(result["per_category"].items(), key=lambda item: item[1]["f1"])[:5]
+    print("lowest F1: " + ", ".join(f"{name} {m['f1']:.2f} (n={m['support']})" for name, m in worst))
     return 0
