@@ -16,10 +16,16 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * ``peak_gib``: peak allocated GPU memory over the configuration's runs, weights included.
 * POPE-style throughput (dense only): questions per second for one-word answers (3 new tokens) at batch 16 and 64,
   wall time including image processing for both.
+* ``decode_path``: ``cuda-graph`` when vlmkit replayed the decode steps as a CUDA graph over its static KV cache
+  (``decode="auto"``: no decoder edits the steps), else ``dynamic``. For graph runs, ``tokens_match_dynamic`` says
+  whether the same greedy call with ``decode="dynamic"`` (the eager layer walk) gave the same tokens.
+  ``vlmkit-dense-dynamic`` times that eager path.
+* ``sgl`` (LLaVA shape only): the small model is a random-weight TinyLlama-1.1B-shaped LLaVA with the same CLIP
+  tower (``llava-tinyllama-1.1b``); ``sgl_exit_rate`` is the fraction of timed calls the small model answered alone.
 
-Random weights produce gibberish, so the outputs are not compared here; token identity with the slow path is what
-the test suite checks (tests/test_parity.py). Every configuration is isolated: an error is recorded and the run
-goes on. Results are written after every configuration, so a run cut short keeps what it measured.
+Random weights produce gibberish, so the outputs are not scored here; parity with HF ``generate`` is what the test
+suite checks (tests/test_parity.py). Every configuration is isolated: an error is recorded and the run goes on.
+Results are written after every configuration, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -116,22 +122,34 @@ class Bench:
 
     # ---- vlmkit ----
 
-    def vlmkit(self, vlm: vlmkit.VLM) -> dict:
-        vlm.generate(self.image, PROMPT, max_new_tokens=self.new_tokens)  # warm-up (Triton compiles)
+    def vlmkit(self, make) -> dict:
+        """Time ``make(decode)``'s VLM; check a graph-decoded greedy call against the dynamic path."""
+        vlm = make("auto")
+        vlm.generate(self.image, PROMPT, max_new_tokens=self.new_tokens)  # warm-up (Triton compiles, graph capture)
         runs = []
         for _ in range(self.repeats):
             started = now(self.device)
             generation = vlm.generate(self.image, PROMPT, max_new_tokens=self.new_tokens)[0]
-            runs.append((now(self.device) - started, generation.stats))
-        steps = [max(1, stats["new_tokens"] - 1) for _, stats in runs]
+            runs.append((now(self.device) - started, generation.stats, generation.token_ids))
+        steps = [max(1, stats["new_tokens"] - 1) for _, stats, _ in runs]
         stats = runs[0][1]
+        graph = bool(vlm.engine.static_decoders.decoders)
+        check = {}
+        if graph:
+            slow = make("dynamic").generate(self.image, PROMPT, max_new_tokens=self.new_tokens)[0]
+            check = {"tokens_match_dynamic": slow.token_ids == runs[0][2]}
+        exits = [s.get("sgl_exit") for _, s, _ in runs]
+        if exits[0] is not None:
+            check["sgl_exit_rate"] = sum(map(bool, exits)) / len(exits)
         return {
-            "ttft_ms": 1e3 * statistics.median(s["prefill_s"] for _, s in runs),
-            "decode_ms_per_token": 1e3 * statistics.median(s["decode_s"] / n for (_, s), n in zip(runs, steps)),
-            "e2e_ms": 1e3 * statistics.median(wall for wall, _ in runs),
+            "ttft_ms": 1e3 * statistics.median(s["prefill_s"] for _, s, _ in runs),
+            "decode_ms_per_token": 1e3 * statistics.median(s["decode_s"] / n for (_, s, _), n in zip(runs, steps)),
+            "e2e_ms": 1e3 * statistics.median(wall for wall, _, _ in runs),
             "new_tokens": stats["new_tokens"],
             "visual_tokens_in": stats["visual_tokens_in"],
             "visual_tokens_mean_over_layers": float(np.mean(stats["visual_tokens_by_layer"])),
+            "decode_path": "cuda-graph" if graph else "dynamic",
+            **check,
         }
 
     def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int) -> float:
@@ -170,20 +188,37 @@ def run(args: argparse.Namespace) -> None:
         bench.results["throughput"].append({"config": "hf-sdpa", "batch": batch,
                                             "questions_per_s": bench.hf_throughput(batch)})
         bench.save()
-    dense = vlmkit.wrap(model, processor)  # switches the language model's attention to vlmkit's
-    bench.record("vlmkit-dense", lambda: bench.vlmkit(dense))
-    for batch in args.batches:
-        bench.results["throughput"].append({"config": "vlmkit-dense", "batch": batch,
-                                            "questions_per_s": bench.vlmkit_throughput(dense, batch)})
-        bench.save()
-    for pruner in [f"{p}:keep={args.keep}" for p in PRUNERS] + [p.format(keep=args.keep) for p in EXTRA_PRUNERS]:
-        bench.record(pruner, lambda: bench.vlmkit(vlmkit.wrap(model, processor, pruner=pruner)))
-    for decoder in DECODERS:
-        bench.record(decoder, lambda: bench.vlmkit(vlmkit.wrap(model, processor, decoders=[decoder])))
+    def with_vlmkit(pruner=None, decoders=()):
+        return lambda decode: vlmkit.wrap(model, processor, pruner=pruner, decoders=list(decoders), decode=decode)
+
+    wanted = set(args.only or [])
+    configs = {"vlmkit-dense": with_vlmkit()}
+    configs.update({p: with_vlmkit(pruner=p) for p in
+                    [f"{p}:keep={args.keep}" for p in PRUNERS] + [p.format(keep=args.keep) for p in EXTRA_PRUNERS]})
+    if args.model == "llava-1.5-7b" and not args.tiny:
+        small = vlmkit.wrap(*shaped_model("llava-tinyllama-1.1b", dtype=torch.bfloat16, device="cuda"))
+        from vlmkit.pruners.sgl import SmallGuidance
+
+        configs[f"sgl:keep={args.keep}"] = lambda decode: vlmkit.wrap(
+            model, processor, pruner=SmallGuidance(small=small, keep=args.keep), decode=decode)
+        configs[f"sgl:keep={args.keep},exit_threshold=0"] = lambda decode: vlmkit.wrap(
+            model, processor, pruner=SmallGuidance(small=small, keep=args.keep, exit_threshold=0.0), decode=decode)
+    configs.update({d: with_vlmkit(decoders=[d]) for d in DECODERS})
     for pruner, decoder in COMBINED:
         pruner = pruner.format(keep=args.keep)
-        bench.record(f"{pruner} + {decoder}",
-                     lambda: bench.vlmkit(vlmkit.wrap(model, processor, pruner=pruner, decoders=[decoder])))
+        configs[f"{pruner} + {decoder}"] = with_vlmkit(pruner, [decoder])
+    for name, make in configs.items():
+        if wanted and name not in wanted and name.split(":")[0] not in wanted:
+            continue
+        bench.record(name, lambda: bench.vlmkit(make))
+        if name == "vlmkit-dense":
+            eager = make("dynamic")
+            bench.record("vlmkit-dense-dynamic", lambda: bench.vlmkit(lambda decode: eager))
+            dense = make("auto")
+            for batch in args.batches:
+                bench.results["throughput"].append({"config": "vlmkit-dense", "batch": batch,
+                                                    "questions_per_s": bench.vlmkit_throughput(dense, batch)})
+                bench.save()
 
 
 def plot(files: list[str], png: str) -> None:
@@ -199,12 +234,13 @@ def plot(files: list[str], png: str) -> None:
         names = [c["config"] for c in configs]
         for ax, key, label in ((row[0], "ttft_ms", "time to first token (ms)"),
                                (row[1], "decode_ms_per_token", "decode (ms per token)")):
-            colors = ["tab:gray" if n == "hf-sdpa" else "tab:blue" if n == "vlmkit-dense" else "tab:orange"
-                      for n in names]
+            colors = ["tab:gray" if n == "hf-sdpa" else "tab:blue" if n.startswith("vlmkit-dense") else
+                      "tab:orange" if c.get("decode_path") == "cuda-graph" else "tab:red" for n, c in zip(names, configs)]
             ax.barh(names, [c[key] for c in configs], color=colors)
             ax.invert_yaxis()
             ax.set_xlabel(label)
-            ax.set_title(f"{result['model']} (random weights), {result['device']}, batch 1", fontsize=9)
+            ax.set_title(f"{result['model']} (random weights), {result['device']}, batch 1; orange: graph-replayed "
+                         "decode, red: eager decode", fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -219,6 +255,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--only", nargs="*", help="run only these configurations (names or method names) after HF")
     parser.add_argument("--plot", nargs="+", help="JSON results files to plot (no benchmark run)")
     parser.add_argument("--png", default="docs/e2e.png")
     args = parser.parse_args()

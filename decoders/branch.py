@@ -73,6 +73,7 @@ class Branch:
         """The branch's logits ``[B, V]`` for the token the main run is about to choose (``edit_logits``)."""
         if self.pending is not None:
             self.ctx.step, self.ctx.num_beams = ctx.step, ctx.num_beams
-            self._logits = self.engine.decode_step(self.ctx, self.cache, self.pending, self.next_position)
+            positions = ctx.adapter.decode_positions(self.next_position, ctx.step)
+            self._logits = self.engine.decode_step(self.ctx, self.cache, self.pending, positions)
             self.pending = None
         return self._logits

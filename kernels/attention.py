@@ -16,7 +16,9 @@ Algorithm
    * *few queries* (decode, ``Lq <= 16``): the rows of all query heads of a GQA group are packed into one block, so
      each K/V tile is loaded once for the group, and the keys are split over several programs (split-KV, as in
      Flash-Decoding) so that a single decode step fills the GPU. Each split writes a partial output and LSE;
-     ``combine_splits_kernel`` merges them.
+     ``combine_splits_kernel`` merges them. Splits are fixed chunks of ``DECODE_KEYS_PER_SPLIT`` keys, so masked
+     slots after the real keys (a preallocated decode cache) add exact zeros and leave the result bit for bit
+     unchanged: a graph-replayed static-cache step gives the tokens of the dynamic cache.
 
 2. **Key mass** (``key_mass_kernel``, only when ``mass_queries`` is given). The transpose of pass 1: a program owns a
    block of keys and loops over the selected query rows, recomputing ``p = exp(q·k·scale + bias - lse)`` with pass
@@ -37,7 +39,6 @@ logit ``s`` into ``s + g·|s|``. Rows with no allowed key give output 0 and LSE 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -47,7 +48,8 @@ from vlmkit.kernels.masks import TritonMask
 from vlmkit.kernels.reference import AttentionStats
 
 FEW_QUERIES = 16  # up to this many query rows: packed GQA rows and split-KV (decode, short chunks)
-MIN_KEYS_PER_SPLIT = 256
+DECODE_KEYS_PER_SPLIT = 256  # split-KV chunk: fixed, so results do not depend on trailing masked keys
+MIN_SPLIT_BLOCK = 16  # the combine kernel reduces at least this many split slots (the same tree up to 16 splits)
 MAX_HEAD_DIM = 128
 
 
@@ -94,7 +96,8 @@ def attention(
     ``q [B, Hq, Lq, D]``, ``k``/``v [B, Hkv, Lk, D]`` (bf16, fp16 or fp32; D up to 128, padded to a power of two)
     give ``out [B, Lq, Hq, D]`` (written into ``out`` when given) and ``AttentionStats(lse [B, Hq, Lq],
     key_mass [B, Hq, ke - ks] or None)``. Extra to the reference: ``key_lens [B]`` (real keys per row, left padded;
-    combined with ``key_valid``) and ``num_splits`` (split-KV count for the few-queries path; default by SM count).
+    combined with ``key_valid``) and ``num_splits`` (split-KV count for the few-queries path; default: chunks of
+    ``DECODE_KEYS_PER_SPLIT`` keys).
     """
     from vlmkit.kernels import attention_kernels as kernels  # compiled on first use: `import vlmkit` needs no Triton
 
@@ -134,9 +137,10 @@ def attention(
         config = PREFILL_CONFIGS[(kind, q.element_size())]
         heads_axis = q_heads
     row_blocks = _cdiv(rows, config.block_m)
-    if num_splits is None:
-        num_splits = _auto_splits(batch * heads_axis * row_blocks, k_len, q.device) if packed else 1
-    keys_per_split = _cdiv(_cdiv(k_len, num_splits), config.block_n) * config.block_n
+    if num_splits is None and packed:
+        keys_per_split = DECODE_KEYS_PER_SPLIT
+    else:
+        keys_per_split = _cdiv(_cdiv(k_len, num_splits or 1), config.block_n) * config.block_n
     num_splits = _cdiv(k_len, keys_per_split)
 
     if num_splits == 1:  # the forward writes the final tensors
@@ -166,7 +170,7 @@ def attention(
             dst_lse.stride(0), dst_lse.stride(1), dst_lse.stride(2),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
             q_heads, q_len, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(MIN_SPLIT_BLOCK, 1 << (num_splits - 1).bit_length()),
             num_warps=4 if kind == "cuda" else 1,
         )
 
@@ -273,19 +277,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_mod) -
     if mask_mod is not None and not isinstance(mask_mod, TritonMask):
         raise TypeError("the Triton kernel needs mask_mod as a vlmkit.kernels.masks.TritonMask (a plain callable "
                         "cannot run inside the kernel); use attention_reference for arbitrary callables")
-
-
-def _auto_splits(programs: int, k_len: int, device: torch.device) -> int:
-    """Enough key splits for about two waves of programs, with at least MIN_KEYS_PER_SPLIT keys each."""
-    if device.type != "cuda":
-        return 1
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(_cdiv(target, programs), k_len // MIN_KEYS_PER_SPLIT))
-
-
-@functools.lru_cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _cdiv(a: int, b: int) -> int:

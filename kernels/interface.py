@@ -7,11 +7,11 @@ and the statistics it wants. The function writes the statistics back into that o
 forward or ``generate``), it behaves like sdpa with the mask transformers built.
 
 Backends for a call with a :class:`LayerAttention` (``backend="auto"``): CUDA tensors go to the fused Triton kernel
-(:func:`vlmkit.kernels.attention`) when the call asks for statistics, a bias, a gain or a mask, and for plain
-prefill calls (faster than sdpa with the padding mask a plain call needs); plain decode steps (up to 16 queries) stay
-on sdpa, whose host overhead per eager launch is lower (``docs/kernel.md``). On the CPU, or for a ``mask_mod`` that
-is a plain callable rather than a :class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the
-torch reference and plain calls use sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on
+(:func:`vlmkit.kernels.attention`), prefill and decode alike. Its split-KV decode gives the same bits whether or not
+masked slots follow the real keys, so the static decode cache (``vlmkit.runtime.static_decode``) decodes the tokens
+of the dynamic one. On the CPU, or for a ``mask_mod`` that is a plain callable rather than a
+:class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the torch reference and plain calls use
+sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on
 the torch reference. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
 """
 
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from vlmkit.kernels.attention import FEW_QUERIES
 from vlmkit.kernels.attention import attention as fused_attention
 from vlmkit.kernels.masks import TritonMask
 from vlmkit.kernels.reference import AttentionStats, MaskMod, ProbsMod, allowed_mask, attention_reference
@@ -76,10 +75,7 @@ def vlmkit_attention(
         return _sdpa(query, key, value, _hf_mask(attention_mask, query, key), scaling), None
     call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
     causal = not getattr(call.mask_mod, "includes_causal", False)
-    plain_decode = query.shape[2] <= FEW_QUERIES and not call.needs_statistics and call.key_bias is None \
-        and call.mask_mod is None and call.key_abs_gain is None and call.probs_mod is None
-    fusable = call.probs_mod is None and _triton_can_run(query, call.mask_mod)
-    if call.backend == "auto" and not plain_decode and fusable:
+    if call.backend == "auto" and call.probs_mod is None and _triton_can_run(query, call.mask_mod):
         out, call.stats = fused_attention(
             query, key, value, causal=causal, scale=scaling, key_bias=call.key_bias, key_abs_gain=call.key_abs_gain,
             mask_mod=call.mask_mod, key_valid=call.key_valid, mass_queries=call.mass_queries,

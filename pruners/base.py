@@ -12,7 +12,10 @@ class Pruner(Intervention):
     """A pruner keeps ``keep`` visual tokens per image (an int count, or a float fraction in (0, 1]).
 
     Vision-side pruners override ``select_visual``; in-LLM pruners override ``attention`` and ``after_layer``.
+    Pruners act in the prefill only, so decoding may run as a CUDA graph (``acts_in_decode``).
     """
+
+    acts_in_decode = False
 
     def __init__(self, keep: int | float = 64):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)):

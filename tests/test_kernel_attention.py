@@ -123,6 +123,23 @@ def test_split_kv_changes_nothing_but_rounding():
 
 
 @kernel_case
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_trailing_masked_slots_change_no_bit(dtype):
+    """A decode step over a preallocated cache (real keys, then masked slots holding stale values) gives bit for bit
+    the result over the real keys alone: what makes static-cache decoding give the dynamic cache's tokens."""
+    (q, k, v), gen = _inputs(17, 2, 4, 2, 1, 300, 64, dtype)
+    valid = torch.ones(2, 300, dtype=torch.bool, device=DEVICE)
+    valid[1, :37] = False  # left padding
+    slots = 768
+    stale = [torch.randn(2, 2, slots - 300, 64, generator=gen).to(k) for _ in range(2)]
+    k_static, v_static = torch.cat([k, stale[0]], dim=2), torch.cat([v, stale[1]], dim=2)
+    valid_static = torch.cat([valid, torch.zeros(2, slots - 300, dtype=torch.bool, device=DEVICE)], dim=1)
+    out, stats = attention(q, k, v, key_valid=valid)
+    out_static, stats_static = attention(q, k_static, v_static, key_valid=valid_static)
+    assert torch.equal(out, out_static) and torch.equal(stats.lse, stats_static.lse)
+
+
+@kernel_case
 def test_left_padding_rows_and_key_lens():
     """Left-padded rows: padding queries see no key (output 0, LSE -inf); key_lens is the same as key_valid."""
     (q, k, v), _ = _inputs(21, 2, 2, 1, 48, 48, 64, torch.bfloat16)

@@ -31,9 +31,10 @@ def hf_generate(model, processor, vlm, images, prompts, **kwargs) -> list[list[i
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_matches_hf(tiny, images, prompts, family, batch, num_beams):
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_generate_matches_hf(tiny, images, prompts, family, batch, num_beams, decode):
     model, processor = tiny(family)
-    vlm = vlmkit.wrap(model, processor)
+    vlm = vlmkit.wrap(model, processor, decode=decode)
     prompts = prompts[:batch]
     ours = vlm.generate(images[:batch], prompts, max_new_tokens=10, num_beams=num_beams)
     theirs = hf_generate(model, processor, vlm, images[:batch], prompts, max_new_tokens=10, num_beams=num_beams)

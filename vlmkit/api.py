@@ -44,6 +44,7 @@ class VLM:
         pruner: pruner_registry.Pruner | str | None = None,
         decoders: Sequence[decoder_registry.Decoder | str] = (),
         attn: str = "auto",
+        decode: str = "auto",
     ):
         if attn not in ATTENTION_BACKENDS:
             raise ConfigError(f"unknown attention backend {attn!r}; choose one of {ATTENTION_BACKENDS}")
@@ -53,7 +54,7 @@ class VLM:
         model.set_attn_implementation({"text_config": attention_interface.IMPLEMENTATION})
         self.pruner = pruner_registry.create_from_spec(pruner) if isinstance(pruner, str) else pruner
         self.decoders = [decoder_registry.create_from_spec(d) if isinstance(d, str) else d for d in decoders]
-        self.engine = Engine(self.adapter, self.interventions, attention_backend=attn)
+        self.engine = Engine(self.adapter, self.interventions, attention_backend=attn, decode=decode)
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -114,10 +115,14 @@ def wrap(
     pruner: pruner_registry.Pruner | str | None = None,
     decoders: Sequence[decoder_registry.Decoder | str] = (),
     attn: str = "auto",
+    decode: str = "auto",
 ) -> VLM:
     """Attach vlmkit to an already loaded model. Its language model's attention is set to ``"vlmkit"`` (which
-    behaves like sdpa in the model's own ``forward`` and ``generate``)."""
-    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn)
+    behaves like sdpa in the model's own ``forward`` and ``generate``). ``decode``: ``"auto"`` replays decode steps
+    as a CUDA graph over a static KV cache on CUDA when no decoder edits them and the answer may run to 8 tokens or
+    more; ``"static"`` uses the static cache on any device and for any length; ``"dynamic"`` never
+    (``vlmkit.runtime.static_decode``)."""
+    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode)
 
 
 def load(
@@ -128,6 +133,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     attn: str = "auto",
+    decode: str = "auto",
     device_map: str | dict | None = None,
 ) -> VLM:
     """Load a hub id, a local folder or ``"builtin:NAME"`` and wrap it.
@@ -157,7 +163,7 @@ def load(
         raise ConfigError(f"cannot load model {model!r}: {error}") from None
     if device_map is None:
         hf_model = hf_model.to(device)
-    return wrap(hf_model.eval(), processor, pruner=pruner, decoders=decoders, attn=attn)
+    return wrap(hf_model.eval(), processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode)
 
 
 BUILTIN_DIR = Path(__file__).parent / "world" / "checkpoints"

@@ -75,6 +75,13 @@ SHAPED = {
         "text": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
                  "num_key_value_heads": 32, "max_position_embeddings": 4096},
     }),
+    # a small LLaVA with llava-1.5-7b's CLIP tower and grid: TinyLlama-1.1B's language model (the sgl guide)
+    "llava-tinyllama-1.1b": ("llava", {
+        "image_size": 336, "patch_size": 14, "vocab": 32000,
+        "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
+        "text": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "max_position_embeddings": 2048},
+    }),
     "qwen2.5-vl-7b": ("qwen2_5_vl", {
         "image_size": 672, "patch_size": 14, "min_pixels": 56 * 56, "max_pixels": 672 * 672, "vocab": 152064,
         "vision": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 3584, "intermediate_size": 3420,

@@ -26,8 +26,23 @@ from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import GenerationContext, Intervention, LayerState, Selection
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
+from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticDecoderPool, StaticKVCache
 
 StreamCallback = Callable[[int, str], None]
+
+# "auto": the static cache and CUDA-graph replay on CUDA for answers of MIN_NEW_TOKENS or more when no intervention
+# acts during decoding, else dynamic;
+# "static": the static cache whenever no intervention acts during decoding (eager on the CPU); "dynamic": never.
+DECODE_MODES = ("auto", "static", "dynamic")
+
+
+@dataclass
+class DecodeSteps:
+    """A generation's decode step, ``run(tokens [B], step) -> next logits [B, V]``, and the cache it writes
+    (beam search reorders it)."""
+
+    run: Callable[[torch.Tensor, int], torch.Tensor]
+    cache: LayeredKVCache | StaticKVCache
 
 
 @dataclass
@@ -40,10 +55,20 @@ class RowResult:
 class Engine:
     """Runs generation for one adapter with one pruner and any number of decoders."""
 
-    def __init__(self, adapter: Adapter, interventions: Sequence[Intervention] = (), attention_backend: str = "auto"):
+    def __init__(self, adapter: Adapter, interventions: Sequence[Intervention] = (), attention_backend: str = "auto",
+                 decode: str = "auto"):
+        if decode not in DECODE_MODES:
+            raise ConfigError(f"unknown decode mode {decode!r}; choose one of {DECODE_MODES}")
         self.adapter = adapter
         self.interventions = list(interventions)
         self.attention_backend = attention_backend
+        self.decode = decode
+        self.static_decoders = StaticDecoderPool()
+
+    @functools.cached_property
+    def graph_pool(self):
+        """One CUDA-graph memory pool for all of this engine's decode graphs."""
+        return torch.cuda.graph_pool_handle()
 
     def _with(self, hook: str) -> list[Intervention]:
         return [i for i in self.interventions if i.overrides(hook)]
@@ -271,19 +296,30 @@ class Engine:
     def _layer_params(self) -> list[int]:
         return [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in self.adapter.layers]
 
-    def decode_step(self, ctx, cache: LayeredKVCache, tokens: torch.Tensor, next_position: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row; return the next logits ``[B, V]``."""
+    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``."""
         hidden = self.adapter.embed_tokens(tokens[:, None])
         batch = tokens.shape[0]
         state = LayerState(
             hidden=hidden,
             valid=torch.ones(batch, 1, dtype=torch.bool, device=hidden.device),
             is_visual=torch.zeros(batch, 1, dtype=torch.bool, device=hidden.device),
-            positions=self.adapter.decode_positions(next_position, ctx.step),
+            positions=positions,
             source_index=torch.full((batch, 1), -1, device=hidden.device),
         )
         state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers())
         return self._logits(ctx, state, collected)
+
+    def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
+        """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
+        the interventions allow it (``static_decode.py``), else the dynamic walk over ``cache``."""
+        static = self.decode == "static" or (self.decode == "auto" and self.adapter.device.type == "cuda"
+                                             and ctx.max_new_tokens >= MIN_NEW_TOKENS)
+        if static and not any(i.acts_in_decode for i in self.interventions):
+            decoder = self.static_decoders.get(self, cache, next_position, ctx.max_new_tokens)
+            return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
+        return DecodeSteps(lambda tokens, step: self.decode_step(
+            ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)
 
 
 class _TokenDecoder:
@@ -322,6 +358,7 @@ class _TokenDecoder:
         active = [True] * batch
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         rows = torch.arange(batch, device=logits.device)
+        steps = self.engine.decode_steps(self.ctx, self.cache, self.next_position)
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             tokens = self.choose(logits)
@@ -346,7 +383,7 @@ class _TokenDecoder:
                 follower.after_step(self.ctx, tokens, rows)
             if not any(active) or step == self.max_new_tokens - 1:
                 break
-            logits = self.engine.decode_step(self.ctx, self.cache, tokens, self.next_position)
+            logits = steps.run(tokens, step)
         return [self._result(ids, text) for ids, text in zip(generated, texts)]
 
     def _result(self, ids: list[int], text: str | None) -> RowResult:
@@ -369,6 +406,7 @@ class _BeamDecoder(_TokenDecoder):
         search = BeamSearch(batch, beams, self.max_new_tokens, sorted(self.eos), self.sampling.length_penalty,
                             logits.device)
         logits = logits.index_select(0, expand)
+        steps = self.engine.decode_steps(self.ctx, self.cache, next_position)
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             parents, tokens = search.step(logits)
@@ -376,8 +414,8 @@ class _BeamDecoder(_TokenDecoder):
                 follower.after_step(self.ctx, tokens, parents)
             if search.done:
                 break
-            self.cache.reorder(parents)
-            logits = self.engine.decode_step(self.ctx, self.cache, tokens, next_position)
+            steps.cache.reorder(parents)
+            logits = steps.run(tokens, step)
         return [self._result(ids, None) for ids in search.best()]
 
 

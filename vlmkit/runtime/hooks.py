@@ -159,6 +159,9 @@ class Intervention:
     supports_batch: bool = True
     #: whether ``select_visual`` needs ``VisualTokens.attention`` (costs one extra projection in the vision tower)
     needs_vision_attention: bool = False
+    #: whether any hook does something while decoding (``ctx.step >= 0``); when no intervention does, the runtime
+    #: may replay decode steps from a static cache as a CUDA graph, where no Python hook runs
+    acts_in_decode: bool = True
 
     def prepare(self, ctx: GenerationContext, inputs: Any) -> None:
         """Run extra passes before the prefill (``inputs`` is the prepared batch)."""

@@ -1,0 +1,99 @@
+"""The static KV cache (the CUDA-graph decode path, run eagerly on the CPU) decodes exactly what the dynamic cache
+decodes. Parity with HF ``generate`` for both modes is in test_parity.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.errors import ConfigError
+from vlmkit.runtime.static_decode import CAPACITY_BUCKET
+
+
+def _generate(tiny, family, images, prompts, decode, **kwargs):
+    vlm = vlmkit.wrap(*tiny(family), decode=decode, **kwargs)
+    return vlm, vlm.generate(images, prompts, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("family,pruner", [("llava", "fastv:keep=8"), ("llava", "visionzip:keep=6"),
+                                           ("qwen2_5_vl", "pdrop:keep=4"), ("qwen2_vl", "divprune:keep=5")])
+def test_pruned_layouts_decode_the_same(tiny, images, prompts, family, pruner):
+    _, dynamic = _generate(tiny, family, images, prompts, "dynamic", pruner=pruner)
+    vlm, static = _generate(tiny, family, images, prompts, "static", pruner=pruner)
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    assert all(len(g.token_ids) > 1 for g in static)
+    # one static decoder, whose layers hold fewer slots after an in-LLM pruner's layer than before it
+    (decoder,) = vlm.engine.static_decoders.decoders.values()
+    capacities = [keys.shape[-2] for keys in decoder.cache.keys]
+    assert all(c % CAPACITY_BUCKET == 0 for c in capacities)
+    lengths = decoder.cache.base.tolist()
+    assert all(length + 12 <= c for length, c in zip(lengths, capacities))
+    if pruner.startswith(("fastv", "pdrop")):
+        assert lengths[-1] < lengths[0]
+
+
+def test_static_decoders_are_reused_and_give_the_same_tokens(tiny, images, prompts):
+    vlm = vlmkit.wrap(*tiny("llava"), decode="static")
+    first = vlm.generate(images, prompts, max_new_tokens=8)
+    (decoder,) = vlm.engine.static_decoders.decoders.values()
+    # other prompts of similar length: same batch size and capacity bucket, so the same buffers (and graph)
+    other = vlm.generate(images[::-1], prompts[::-1], max_new_tokens=8)
+    assert list(vlm.engine.static_decoders.decoders.values()) == [decoder]
+    again = vlm.generate(images, prompts, max_new_tokens=8)
+    assert [g.token_ids for g in again] == [g.token_ids for g in first]
+    reference = vlmkit.wrap(*tiny("llava"), decode="dynamic").generate(images[::-1], prompts[::-1], max_new_tokens=8)
+    assert [g.token_ids for g in other] == [g.token_ids for g in reference]
+
+
+def test_decoders_keep_the_dynamic_cache(tiny, images, prompts):
+    vlm = vlmkit.wrap(*tiny("llava"), decode="static", decoders=["vcd"])
+    vlm.generate(images[:1], prompts[:1], max_new_tokens=4)
+    assert not vlm.engine.static_decoders.decoders
+
+
+def test_sampling_with_a_seed_matches(tiny, images, prompts):
+    runs = [vlmkit.wrap(*tiny("qwen2_vl"), decode=mode).generate(images, prompts, max_new_tokens=10, do_sample=True,
+                                                                  temperature=1.5, seed=3)
+            for mode in ("dynamic", "static")]
+    assert [g.token_ids for g in runs[0]] == [g.token_ids for g in runs[1]]
+
+
+def test_unknown_decode_mode(tiny):
+    with pytest.raises(ConfigError, match="decode mode"):
+        vlmkit.wrap(*tiny("llava"), decode="graphs")
+
+
+def test_static_cache_writes_one_slot_per_step(tiny, images, prompts):
+    from vlmkit.runtime.cache import LayeredKVCache
+    from vlmkit.runtime.static_decode import StaticKVCache
+
+    source = LayeredKVCache(2)
+    for layer, length in enumerate([5, 3]):
+        source.update(torch.randn(2, 1, length, 4), torch.randn(2, 1, length, 4), layer)
+        source.extend_valid(layer, torch.tensor([[True] * length, [False] + [True] * (length - 1)]))
+    cache = StaticKVCache(source, [8, 8])
+    cache.load(source)
+    cache.step.fill_(2)
+    key, value = torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
+    keys, _ = cache.update(key, value, 1)
+    valid = cache.extend_valid(1, torch.ones(2, 1, dtype=torch.bool))
+    assert torch.equal(keys[..., :3, :], source.keys[1]) and torch.equal(keys[..., 5:6, :], key)
+    assert valid.tolist() == [[True] * 3 + [False, False, True, False, False],
+                              [False, True, True, False, False, True, False, False]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("pruner", [None, "fastv:keep=8"])
+def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pruner):
+    from vlmkit.testing import tiny_model
+
+    model, processor = tiny_model(family, dtype=torch.bfloat16)
+    model.cuda()
+    graphed = vlmkit.wrap(model, processor, pruner=pruner)  # decode="auto": CUDA graphs on a GPU
+    fast = graphed.generate(images, prompts, max_new_tokens=16)
+    (decoder,) = graphed.engine.static_decoders.decoders.values()
+    assert decoder.graph is not None
+    slow = vlmkit.wrap(model, processor, pruner=pruner, decode="dynamic").generate(images, prompts, max_new_tokens=16)
+    assert [g.token_ids for g in fast] == [g.token_ids for g in slow]

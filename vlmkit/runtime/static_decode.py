@@ -1,0 +1,135 @@
+"""Decoding with a preallocated KV cache, replayed as a CUDA graph.
+
+After the prefill, the engine copies each layer's keys, values and key validity into buffers sized for the whole
+generation, rounded up to :data:`CAPACITY_BUCKET` slots so that prompts of similar length (and pruned layouts) share
+one set of buffers. A decode step then has fixed shapes and fixed addresses: it writes the new token's key and value
+at slot ``base[l] + step`` of layer ``l`` and attends over the whole buffer, the unwritten slots masked out as
+invalid keys. On CUDA the step is captured once as a CUDA graph and replayed for every token: one graph launch
+instead of several hundred kernel launches from Python. On the CPU the same step runs eagerly; the tests compare it
+with the dynamic cache.
+
+The engine uses it only when no intervention acts during decoding (:attr:`Intervention.acts_in_decode`): pruners
+work in the prefill and keep it; decoders edit the decode steps and keep the dynamic
+:class:`~vlmkit.runtime.cache.LayeredKVCache`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+
+from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime.hooks import GenerationContext
+
+if TYPE_CHECKING:
+    from vlmkit.runtime.engine import Engine
+
+CAPACITY_BUCKET = 256  # cache slots per layer are rounded up to a multiple of this
+POOL_SIZE = 2  # static decoders (buffers and graphs) kept per engine, least recently used dropped first
+MIN_NEW_TOKENS = 8  # "auto" decodes shorter answers dynamically: a graph capture would cost more than it saves
+
+
+class StaticKVCache:
+    """Per-layer key, value and validity buffers of fixed capacity, written in place (the cache protocol of
+    :class:`~vlmkit.runtime.cache.LayeredKVCache`)."""
+
+    def __init__(self, like: LayeredKVCache, capacities: list[int]):
+        self.keys = [k.new_zeros(*k.shape[:-2], c, k.shape[-1]) for k, c in zip(like.keys, capacities)]
+        self.values = [v.new_zeros(*v.shape[:-2], c, v.shape[-1]) for v, c in zip(like.values, capacities)]
+        self.valid = [m.new_zeros(m.shape[0], c) for m, c in zip(like.valid, capacities)]
+        device = self.keys[0].device
+        self.base = torch.zeros(len(capacities), dtype=torch.long, device=device)  # each layer's prefill length
+        self.step = torch.zeros((), dtype=torch.long, device=device)  # the token being decoded
+
+    def load(self, source: LayeredKVCache) -> None:
+        """Copy the prefill's cache in; slots after it become invalid."""
+        for layer, (key, value, valid) in enumerate(zip(source.keys, source.values, source.valid)):
+            length = key.shape[-2]
+            self.keys[layer][..., :length, :].copy_(key)
+            self.values[layer][..., :length, :].copy_(value)
+            self.valid[layer].zero_()
+            self.valid[layer][:, :length].copy_(valid)
+        self.base.copy_(torch.tensor(source.lengths()))
+
+    def _slot(self, layer_idx: int) -> torch.Tensor:
+        return (self.base[layer_idx] + self.step).view(1)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        slot = self._slot(layer_idx)
+        self.keys[layer_idx].index_copy_(2, slot, key)
+        self.values[layer_idx].index_copy_(2, slot, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def extend_valid(self, layer_idx: int, valid: torch.Tensor) -> torch.Tensor:
+        self.valid[layer_idx].index_copy_(1, self._slot(layer_idx), valid)
+        return self.valid[layer_idx]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select rows in place (beam search), keeping the buffers' addresses."""
+        for tensor in (*self.keys, *self.values, *self.valid):
+            tensor.copy_(tensor.index_select(0, index))
+
+
+class StaticDecoder:
+    """One batch size and cache layout: the static cache, the step's input buffers and, on CUDA, the step's graph."""
+
+    def __init__(self, engine: Engine, like: LayeredKVCache, capacities: list[int], next_position: torch.Tensor):
+        self.engine = engine
+        self.cache = StaticKVCache(like, capacities)
+        self.next_position = torch.zeros_like(next_position)
+        self.tokens = torch.zeros(next_position.shape[0], dtype=torch.long, device=next_position.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def start(self, cache: LayeredKVCache, next_position: torch.Tensor) -> None:
+        self.cache.load(cache)
+        self.next_position.copy_(next_position)
+
+    def _run(self, ctx: GenerationContext) -> torch.Tensor:
+        positions = self.engine.adapter.decode_positions(self.next_position, self.cache.step)
+        return self.engine.decode_step(ctx, self.cache, self.tokens, positions)
+
+    def step(self, ctx: GenerationContext, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """The next logits ``[B, V]`` after feeding ``tokens`` (``[B]``) as the ``step``-th generated token."""
+        self.tokens.copy_(tokens)
+        self.cache.step.fill_(step)
+        if not self.tokens.is_cuda:
+            return self._run(ctx)
+        if self.graph is None:
+            # A step only writes slot base + step and then reads it, so running it twice gives the same result:
+            # the warm-up on a side stream is this step itself, the replay below repeats it in the graph.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._run(ctx)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.engine.graph_pool):
+                self.logits = self._run(ctx)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+class StaticDecoderPool:
+    """The engine's static decoders by (batch size, capacities), least recently used dropped beyond
+    :data:`POOL_SIZE`. Their buffers stay allocated for reuse (``batch x capacity`` keys and values per layer);
+    :meth:`clear` frees them."""
+
+    def __init__(self):
+        self.decoders: OrderedDict[tuple, StaticDecoder] = OrderedDict()
+
+    def clear(self) -> None:
+        self.decoders.clear()
+
+    def get(self, engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor,
+            max_new_tokens: int) -> StaticDecoder:
+        capacities = [-(-(length + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET for length in cache.lengths()]
+        key = (next_position.shape[0], tuple(capacities), cache.keys[0].dtype, str(cache.keys[0].device))
+        decoder = self.decoders.pop(key, None) or StaticDecoder(engine, cache, capacities, next_position)
+        self.decoders[key] = decoder
+        while len(self.decoders) > POOL_SIZE:
+            self.decoders.popitem(last=False)
+        decoder.start(cache, next_position)
+        return decoder
