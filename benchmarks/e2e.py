@@ -15,7 +15,8 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * ``e2e_ms``: wall time of one whole call (vlmkit: ``VLM.generate`` including image processing).
 * ``peak_gib``: peak allocated GPU memory over the configuration's runs, weights included.
 * POPE-style throughput (dense only): questions per second for one-word answers (3 new tokens) at batch 16 and 64,
-  wall time including image processing for both.
+  wall time including image processing for both, with 1 and with 6 questions per image (POPE asks 6 about each
+  image; vlmkit then prefills each image's prompt prefix once and shares it, HF has no such reuse).
 * ``decode_path``: ``cuda-graph`` when vlmkit replayed the decode steps as a CUDA graph over its static KV cache
   (``decode="auto"``: no decoder edits the steps), else ``dynamic``. For graph runs, ``tokens_match_dynamic`` says
   whether the same greedy call with ``decode="dynamic"`` (the eager layer walk) gave the same tokens.
@@ -50,7 +51,8 @@ EXTRA_PRUNERS = ["dyvte:exit_layer=2", "fastv:keep={keep},debias=exp"]
 DECODERS = ["vista", "gift", "locore", "cca:training_free=true", "sgrs", "vcd", "pai", "var"]
 COMBINED = [("divprune:keep={keep}", "vista")]  # divprune: runs on both families
 PROMPT = "Describe the image in detail."
-QUESTION = "Is there a dog in the image? Answer the question using a single word or phrase."
+QUESTION = "Is there a {} in the image? Answer the question using a single word or phrase."
+OBJECTS = ["dog", "car", "cup", "person", "chair", "bird"]
 
 
 def now(device: torch.device) -> float:
@@ -112,12 +114,26 @@ class Bench:
         return {"ttft_ms": 1e3 * ttft, "decode_ms_per_token": 1e3 * (full - ttft) / (self.new_tokens - 1),
                 "e2e_ms": 1e3 * full, "new_tokens": self.new_tokens}
 
-    def hf_throughput(self, batch: int) -> float:
-        images = random_images(batch, self.image_size, seed=batch)
-        self.hf_generate(self.hf_inputs(images, QUESTION), 3)  # warm-up
+    def pope_batch(self, batch: int, per_image: int) -> tuple[list[Image.Image], list[str]]:
+        """``batch`` questions, ``per_image`` about each image (the same object, as an eval loader passes it)."""
+        distinct = random_images(-(-batch // per_image), self.image_size, seed=batch)
+        images = [distinct[i // per_image] for i in range(batch)]
+        return images, [QUESTION.format(OBJECTS[i % len(OBJECTS)]) for i in range(batch)]
+
+    def hf_throughput(self, batch: int, per_image: int) -> float:
+        images, questions = self.pope_batch(batch, per_image)
+
+        def inputs():  # the processor runs per call: image processing is in the wall time, as for vlmkit
+            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                        for q in questions]
+            texts = [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+            self.processor.tokenizer.padding_side = "left"
+            return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
+
+        self.hf_generate(inputs(), 3)  # warm-up
         started = now(self.device)
         for _ in range(self.repeats):
-            self.hf_generate(self.hf_inputs(images, QUESTION), 3)
+            self.hf_generate(inputs(), 3)
         return batch * self.repeats / (now(self.device) - started)
 
     # ---- vlmkit ----
@@ -152,12 +168,12 @@ class Bench:
             **check,
         }
 
-    def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int) -> float:
-        images = random_images(batch, self.image_size, seed=batch)
-        vlm.generate(images, [QUESTION] * batch, max_new_tokens=3)  # warm-up
+    def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int, per_image: int) -> float:
+        images, questions = self.pope_batch(batch, per_image)
+        vlm.generate(images, questions, max_new_tokens=3)  # warm-up
         started = now(self.device)
         for _ in range(self.repeats):
-            vlm.generate(images, [QUESTION] * batch, max_new_tokens=3)
+            vlm.generate(images, questions, max_new_tokens=3)
         return batch * self.repeats / (now(self.device) - started)
 
 
@@ -185,9 +201,10 @@ def run(args: argparse.Namespace) -> None:
     model.set_attn_implementation("sdpa")
     bench.record("hf-sdpa", bench.hf)
     for batch in args.batches:
-        bench.results["throughput"].append({"config": "hf-sdpa", "batch": batch,
-                                            "questions_per_s": bench.hf_throughput(batch)})
-        bench.save()
+        for per_image in args.questions_per_image:
+            bench.results["throughput"].append({"config": "hf-sdpa", "batch": batch, "questions_per_image": per_image,
+                                                "questions_per_s": bench.hf_throughput(batch, per_image)})
+            bench.save()
     def with_vlmkit(pruner=None, decoders=()):
         return lambda decode: vlmkit.wrap(model, processor, pruner=pruner, decoders=list(decoders), decode=decode)
 
@@ -216,9 +233,11 @@ def run(args: argparse.Namespace) -> None:
             bench.record("vlmkit-dense-dynamic", lambda: bench.vlmkit(lambda decode: eager))
             dense = make("auto")
             for batch in args.batches:
-                bench.results["throughput"].append({"config": "vlmkit-dense", "batch": batch,
-                                                    "questions_per_s": bench.vlmkit_throughput(dense, batch)})
-                bench.save()
+                for per_image in args.questions_per_image:
+                    bench.results["throughput"].append({
+                        "config": "vlmkit-dense", "batch": batch, "questions_per_image": per_image,
+                        "questions_per_s": bench.vlmkit_throughput(dense, batch, per_image)})
+                    bench.save()
 
 
 def plot(files: list[str], png: str) -> None:
@@ -255,6 +274,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--questions-per-image", type=int, nargs="+", default=[1, 6],
+                        help="POPE-style throughput: questions asked about each image in a batch (POPE asks 6)")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names or method names) after HF")
     parser.add_argument("--plot", nargs="+", help="JSON results files to plot (no benchmark run)")
     parser.add_argument("--png", default="docs/e2e.png")

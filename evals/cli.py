@@ -202,6 +202,8 @@ def _run_model(args) -> int:
             results.append((spec or "no pruner", kept, metrics))
             print(f"\n{spec or 'no pruner'}  ({run_dir})")
             print(report.summary(args.task, metrics))
+            for key, (exits, total) in _early_exits(run_dir).items():
+                print(f"early exits ({key}): {exits} of {total} ({100 * exits / total:.1f}%)")
     if shard.rank == 0 and not results and args.task == "mmhal":
         print(f"answers written to {out / 'filled_template.json'}; rate them with --judge-url/--judge-model or "
               "--rules")
@@ -225,6 +227,20 @@ def _mean_kept(run_dir: Path) -> float:
         by_layer = record.get("visual_tokens_by_layer") or [record.get("visual_tokens_kept", 0)]
         kept.append(sum(by_layer) / len(by_layer))
     return sum(kept) / len(kept) if kept else 0.0
+
+
+def _early_exits(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """For each boolean per-row ``*_exit`` stat a method reported (sgl's early exit): rows that exited, rows."""
+    import json
+
+    counts: dict[str, list[int]] = {}
+    for line in (run_dir / "predictions.jsonl").read_text().splitlines():
+        for key, value in json.loads(line).items():
+            if key.endswith("_exit") and isinstance(value, bool):
+                counts.setdefault(key, [0, 0])
+                counts[key][0] += value
+                counts[key][1] += 1
+    return {key: (exits, total) for key, (exits, total) in counts.items()}
 
 
 def _setup_chair(args, out: Path, limit: int | None):

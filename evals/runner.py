@@ -31,8 +31,11 @@ MERGED = "predictions.jsonl"
 #: manifest sections that may change between runs into one folder (recorded, not compared)
 UNCOMPARED = ("versions", "created", "run")
 PACKAGES = ("vlmkit", "torch", "transformers", "tokenizers", "pillow", "nltk", "pycocotools")
-STAT_KEYS = ("visual_tokens_in", "visual_tokens_kept", "visual_tokens_by_layer", "visual_tokens_mean_over_layers",
-             "prefill_tflops", "new_tokens")
+
+def recorded_stats(stats: dict) -> dict:
+    """The per-row stats a prediction record keeps: token counts, FLOPs and the methods' own reports (``sgl_exit``,
+    ``dyvte_exit_layer``, ...); not timings (``*_s``, they differ between runs) or the kept indices."""
+    return {key: value for key, value in stats.items() if key != "kept_visual_indices" and not key.endswith("_s")}
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ def run(
             outputs = generate(pil, [item.prompt for item in batch])
             store.append([
                 {"id": item.id, **item.meta, "prompt": item.prompt, "text": out.text,
-                 **{key: out.stats[key] for key in STAT_KEYS if key in out.stats}}
+                 **recorded_stats(out.stats)}
                 for item, out in zip(batch, outputs)
             ])
             bar.update(len(batch))

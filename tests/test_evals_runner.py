@@ -181,3 +181,16 @@ def test_cli_model_mode_pope_resumes(tmp_path, tiny, capsys):
     (images / "b.jpg").unlink()
     assert main(command[:-2] + ["--out", str(tmp_path / "other")]) == 2
     assert "no image for question" in capsys.readouterr().err
+
+
+def test_records_keep_method_stats_but_not_timings(tmp_path):
+    from vlmkit.evals.cli import _early_exits
+    from vlmkit.evals.runner import recorded_stats
+
+    stats = {"visual_tokens_in": 576, "visual_tokens_by_layer": [576, 64], "prefill_s": 0.1, "decode_s": 0.2,
+             "kept_visual_indices": [1, 2], "sgl_exit": True, "sgl_confidence": 0.97, "sgl_small_s": 0.05}
+    assert recorded_stats(stats) == {"visual_tokens_in": 576, "visual_tokens_by_layer": [576, 64], "sgl_exit": True,
+                                     "sgl_confidence": 0.97}
+    lines = [json.dumps({"id": str(i), "sgl_exit": i % 4 == 0, "dyvte_exit_layer": 3}) for i in range(8)]
+    (tmp_path / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    assert _early_exits(tmp_path) == {"sgl_exit": (2, 8)}

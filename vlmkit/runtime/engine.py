@@ -6,9 +6,11 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 1. embed the prompt tokens; run the vision tower and projector; let the pruner choose visual tokens [select_visual];
 2. compute position ids on the unpruned sequence [positions]; pack the kept tokens (left-padded);
 3. prefill: walk the decoder layers; before each, gather attention requests [attention]; after each, edit the
-   residual [edit_residual] and let the pruner drop tokens [after_layer];
+   residual [edit_residual] and let the pruner drop tokens [after_layer]. Without interventions, rows that ask about
+   the same image object prefill its prompt prefix once and share it (``_prefill_shared``);
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
+   When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
 """
 
 from __future__ import annotations
@@ -56,13 +58,14 @@ class Engine:
     """Runs generation for one adapter with one pruner and any number of decoders."""
 
     def __init__(self, adapter: Adapter, interventions: Sequence[Intervention] = (), attention_backend: str = "auto",
-                 decode: str = "auto"):
+                 decode: str = "auto", share_image_prefix: bool = True):
         if decode not in DECODE_MODES:
             raise ConfigError(f"unknown decode mode {decode!r}; choose one of {DECODE_MODES}")
         self.adapter = adapter
         self.interventions = list(interventions)
         self.attention_backend = attention_backend
         self.decode = decode
+        self.share_image_prefix = share_image_prefix
         self.static_decoders = StaticDecoderPool()
 
     @functools.cached_property
@@ -237,13 +240,15 @@ class Engine:
         state, next_position, visual_in = self.initial_state(ctx, batch)
         visual_kept = state.is_visual.sum(dim=1).tolist()
         cache = ctx.cache = LayeredKVCache(len(self.adapter.layers))
-        hidden_layers = self._hidden_layers()
         ctx.step = -1
-        state, collected, visual_counts = self.run_layers(ctx, state, cache, hidden_layers)
+        if (groups := self._shared_prefixes(ctx, batch, state)) is not None:
+            state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
+        else:
+            state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
+            kept_visual = _kept_visual_indices(batch.is_visual, state)
         visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
         logits = self._logits(ctx, state, collected)
         prefill_s = _now(device) - started
-        kept_visual = _kept_visual_indices(batch.is_visual, state)
 
         decoder = _BeamDecoder if sampling.num_beams > 1 else _TokenDecoder
         rows = decoder(self, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream).run(logits)
@@ -263,6 +268,49 @@ class Engine:
             }
             _add_method_stats(result, ctx, row)
         return rows
+
+    # -- shared image prefixes ------------------------------------------------------------------------------------
+    def _shared_prefixes(self, ctx, batch: PreparedBatch, state: LayerState) -> tuple[torch.Tensor, list[int]] | None:
+        """Rows that ask about the same image (the same object in ``ctx.images``) with the same prompt tokens up to
+        its last visual token: each row's group ``[B]`` and each group's first row. None when no two rows share
+        (or sharing is off or not exact: interventions may depend on the whole prompt; every row needs a token after
+        its image)."""
+        if not self.share_image_prefix or self.interventions or batch.batch_size < 2:
+            return None
+        ids = batch.input_ids.gather(1, state.source_index.clamp(min=0))
+        index = torch.arange(ids.shape[1], device=ids.device)
+        last_visual = torch.where(state.is_visual, index, -1).amax(dim=1)
+        if bool((last_visual < 0).any() or (last_visual == ids.shape[1] - 1).any()):
+            return None
+        keys: dict[tuple, int] = {}
+        groups, leaders = [], []
+        for row in range(batch.batch_size):
+            prefix = ids[row][state.valid[row] & (index <= last_visual[row])]
+            key = (id(ctx.images[row]), tuple(prefix.tolist()))
+            if key not in keys:
+                keys[key] = len(leaders)
+                leaders.append(row)
+            groups.append(keys[key])
+        if len(leaders) == batch.batch_size:
+            return None
+        return torch.tensor(groups, device=ids.device), leaders
+
+    def _prefill_shared(self, ctx, batch: PreparedBatch, state: LayerState, cache: LayeredKVCache,
+                        groups: torch.Tensor, leaders: list[int]):
+        """Image-prefix reuse: prefill each shared prefix (the prompt up to the image's last visual token) once, give
+        every row a copy of its prefix's cache, then prefill the rest of each row on top of it. The cache then holds
+        ``[padding, prefix, padding, rest]`` per row; key validity masks the padding and positions are the unshared
+        ones, so the logits are those of the unshared prefill up to rounding."""
+        index = torch.arange(state.valid.shape[1], device=state.valid.device)
+        last_visual = torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True)
+        rows = torch.tensor(leaders, device=index.device)
+        prefix = self.compact(_select_rows(state, rows), (index <= last_visual)[rows])
+        prefix, _, visual_counts = self.run_layers(ctx, prefix, cache, set())
+        kept_visual = _kept_visual_indices(batch.is_visual[rows], prefix)
+        cache.reorder(groups)
+        rest, collected, _ = self.run_layers(ctx, self.compact(state, index > last_visual), cache, set())
+        return (rest, collected, [counts[groups] for counts in visual_counts],
+                [kept_visual[group] for group in groups.tolist()])
 
     def _answered(self, ctx, batch: PreparedBatch, answers: list[list[int]], stop: Sequence[str]) -> list[RowResult]:
         """Rows answered by ``early_exit``: the model never ran (no visual token entered it)."""
@@ -417,6 +465,12 @@ class _BeamDecoder(_TokenDecoder):
             steps.cache.reorder(parents)
             logits = steps.run(tokens, step)
         return [self._result(ids, None) for ids in search.best()]
+
+
+def _select_rows(state: LayerState, rows: torch.Tensor) -> LayerState:
+    positions = state.positions[:, rows] if state.positions.dim() == 3 else state.positions[rows]
+    return LayerState(hidden=state.hidden[rows], valid=state.valid[rows], is_visual=state.is_visual[rows],
+                      positions=positions, source_index=state.source_index[rows])
 
 
 def _kept_visual_indices(is_visual: torch.Tensor, state: LayerState) -> list[list[int]]:
