@@ -115,6 +115,19 @@ class Adapter(ABC):
     def split_processor_outputs(self, outputs: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         return outputs, {}
 
+    def select_rows(self, batch: PreparedBatch, rows: list[int]) -> PreparedBatch:
+        """The batch of the given rows only (their images included), for encoding each image once."""
+        index = torch.tensor(rows, device=batch.input_ids.device)
+        return PreparedBatch(
+            input_ids=batch.input_ids[index], attention_mask=batch.attention_mask[index],
+            is_visual=batch.is_visual[index], vision_inputs=self.select_vision_inputs(batch.vision_inputs, rows),
+            extra={key: value[index] for key, value in batch.extra.items()},
+        )
+
+    def select_vision_inputs(self, vision_inputs: dict[str, torch.Tensor], rows: list[int]) -> dict:
+        """The processor's image tensors of the given rows (one image per row, batch-first tensors here)."""
+        return {key: value[rows] for key, value in vision_inputs.items()}
+
     # -- vision side ----------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:

@@ -37,6 +37,12 @@ class Qwen2VLAdapter(Adapter):
         extra = {key: outputs.pop(key) for key in ("mm_token_type_ids",) if key in outputs}
         return outputs, extra
 
+    def select_vision_inputs(self, vision_inputs: dict[str, torch.Tensor], rows: list[int]) -> dict:
+        """``pixel_values`` holds every image's patches one after another (``image_grid_thw`` says how many)."""
+        grid_thw = vision_inputs["image_grid_thw"]
+        patches = vision_inputs["pixel_values"].split(grid_thw.prod(dim=-1).tolist())
+        return {"pixel_values": torch.cat([patches[row] for row in rows]), "image_grid_thw": grid_thw[rows]}
+
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
         """Qwen's ViT has no [CLS] token, so ``attention`` stays None."""
         grid_thw = batch.vision_inputs["image_grid_thw"]

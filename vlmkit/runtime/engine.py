@@ -15,6 +15,7 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -172,12 +173,20 @@ class Engine:
         return logits
 
     # -- prefill --------------------------------------------------------------------------------------------------
-    def initial_state(self, ctx: GenerationContext, batch: PreparedBatch) -> tuple[LayerState, torch.Tensor, list[int]]:
-        """Embed text and images, apply the vision-side pruner, and pack the sequence."""
+    def initial_state(self, ctx: GenerationContext, batch: PreparedBatch,
+                      groups: tuple[torch.Tensor, list[int]] | None = None) -> tuple[LayerState, torch.Tensor, list[int]]:
+        """Embed text and images (each image once when ``groups`` share them), apply the vision-side pruner, and
+        pack the sequence."""
         hidden = self.adapter.embed_tokens(batch.input_ids)
         keep = batch.attention_mask.bool().clone()
         selectors = self._with("select_visual")
-        visual = self.adapter.encode_images(batch, any(p.needs_vision_attention for p in selectors))
+        with_attention = any(p.needs_vision_attention for p in selectors)
+        if groups is None:
+            visual = self.adapter.encode_images(batch, with_attention)
+        else:
+            row_group, leaders = groups
+            unique = self.adapter.encode_images(self.adapter.select_rows(batch, leaders), with_attention)
+            visual = [dataclasses.replace(unique[group], image_index=row) for row, group in enumerate(row_group.tolist())]
         selections: list[Selection | None] = [None] * len(visual)
         for pruner in selectors:
             if (chosen := pruner.select_visual(ctx, visual)) is not None:
@@ -237,11 +246,12 @@ class Engine:
             generator.manual_seed(seed if seed is not None else torch.seed())
 
         started = _now(device)
-        state, next_position, visual_in = self.initial_state(ctx, batch)
+        groups = self._shared_prefixes(ctx, batch)
+        state, next_position, visual_in = self.initial_state(ctx, batch, groups)
         visual_kept = state.is_visual.sum(dim=1).tolist()
         cache = ctx.cache = LayeredKVCache(len(self.adapter.layers))
         ctx.step = -1
-        if (groups := self._shared_prefixes(ctx, batch, state)) is not None:
+        if groups is not None:
             state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
         else:
             state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
@@ -270,22 +280,22 @@ class Engine:
         return rows
 
     # -- shared image prefixes ------------------------------------------------------------------------------------
-    def _shared_prefixes(self, ctx, batch: PreparedBatch, state: LayerState) -> tuple[torch.Tensor, list[int]] | None:
+    def _shared_prefixes(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:
         """Rows that ask about the same image (the same object in ``ctx.images``) with the same prompt tokens up to
         its last visual token: each row's group ``[B]`` and each group's first row. None when no two rows share
         (or sharing is off or not exact: interventions may depend on the whole prompt; every row needs a token after
         its image)."""
         if not self.share_image_prefix or self.interventions or batch.batch_size < 2:
             return None
-        ids = batch.input_ids.gather(1, state.source_index.clamp(min=0))
+        ids, valid = batch.input_ids, batch.attention_mask.bool()
         index = torch.arange(ids.shape[1], device=ids.device)
-        last_visual = torch.where(state.is_visual, index, -1).amax(dim=1)
+        last_visual = torch.where(batch.is_visual, index, -1).amax(dim=1)
         if bool((last_visual < 0).any() or (last_visual == ids.shape[1] - 1).any()):
             return None
         keys: dict[tuple, int] = {}
         groups, leaders = [], []
         for row in range(batch.batch_size):
-            prefix = ids[row][state.valid[row] & (index <= last_visual[row])]
+            prefix = ids[row][valid[row] & (index <= last_visual[row])]
             key = (id(ctx.images[row]), tuple(prefix.tolist()))
             if key not in keys:
                 keys[key] = len(leaders)
