@@ -254,7 +254,8 @@ def plot(files: list[str], png: str) -> None:
         for ax, key, label in ((row[0], "ttft_ms", "time to first token (ms)"),
                                (row[1], "decode_ms_per_token", "decode (ms per token)")):
             colors = ["tab:gray" if n == "hf-sdpa" else "tab:blue" if n.startswith("vlmkit-dense") else
-                      "tab:orange" if c.get("decode_path") == "cuda-graph" else "tab:red" for n, c in zip(names, configs)]
+                      "tab:orange" if c.get("decode_path") == "cuda-graph" else "tab:red"
+                      for n, c in zip(names, configs)]
             ax.barh(names, [c[key] for c in configs], color=colors)
             ax.invert_yaxis()
             ax.set_xlabel(label)

@@ -173,8 +173,9 @@ class Engine:
         return logits
 
     # -- prefill --------------------------------------------------------------------------------------------------
-    def initial_state(self, ctx: GenerationContext, batch: PreparedBatch,
-                      groups: tuple[torch.Tensor, list[int]] | None = None) -> tuple[LayerState, torch.Tensor, list[int]]:
+    def initial_state(
+        self, ctx: GenerationContext, batch: PreparedBatch, groups: tuple[torch.Tensor, list[int]] | None = None,
+    ) -> tuple[LayerState, torch.Tensor, list[int]]:
         """Embed text and images (each image once when ``groups`` share them), apply the vision-side pruner, and
         pack the sequence."""
         hidden = self.adapter.embed_tokens(batch.input_ids)
@@ -186,7 +187,8 @@ class Engine:
         else:
             row_group, leaders = groups
             unique = self.adapter.encode_images(self.adapter.select_rows(batch, leaders), with_attention)
-            visual = [dataclasses.replace(unique[group], image_index=row) for row, group in enumerate(row_group.tolist())]
+            visual = [dataclasses.replace(unique[group], image_index=row)
+                      for row, group in enumerate(row_group.tolist())]
         selections: list[Selection | None] = [None] * len(visual)
         for pruner in selectors:
             if (chosen := pruner.select_visual(ctx, visual)) is not None:
