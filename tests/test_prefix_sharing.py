@@ -13,8 +13,8 @@ QUESTIONS = ["Is there a dog in the image?", "What color is the table?", "Descri
              "Is there a cat?"]
 
 
-def _run(tiny, family, images, share, monkeypatch=None, decode="dynamic", **kwargs):
-    vlm = vlmkit.wrap(*tiny(family), decode=decode)
+def _run(tiny, family, images, share, monkeypatch=None, decode="dynamic", pruner=None, **kwargs):
+    vlm = vlmkit.wrap(*tiny(family), decode=decode, pruner=pruner)
     vlm.engine.share_image_prefix = share
     calls = []
     if monkeypatch is not None:  # record each shared prefill's leading rows and each vision-tower batch size
@@ -38,10 +38,31 @@ def test_shared_prefixes_decode_the_unshared_tokens(tiny, images, family, num_be
             assert mine.stats[key] == theirs.stats[key]
 
 
+@pytest.mark.parametrize("family,pruner", [("llava", "uniform:keep=6"), ("llava", "visionzip:keep=6"),
+                                           ("qwen2_5_vl", "divprune:keep=4"), ("llava", "random:keep=6")])
+def test_vision_side_pruners_share_what_they_select_alike(tiny, images, family, pruner, monkeypatch):
+    """Rows share a prefill only when the pruner chose the same tokens for their image (random draws per row)."""
+    a, b = images[0], images[1]
+    batch = [a, a, b, a, b]
+    shared, calls = _run(tiny, family, batch, True, monkeypatch, pruner=pruner)
+    plain, _ = _run(tiny, family, batch, False, pruner=pruner)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in plain]
+    assert [g.stats["kept_visual_indices"] for g in shared] == [g.stats["kept_visual_indices"] for g in plain]
+    first_rows: dict = {}  # (image, kept tokens) -> the first row that has them
+    for row, (image, generation) in enumerate(zip(batch, plain)):
+        first_rows.setdefault((id(image), tuple(generation.stats["kept_visual_indices"])), row)
+    leaders = sorted(first_rows.values())
+    assert calls == [2] + ([leaders] if len(leaders) < len(batch) else [])
+    if not pruner.startswith("random"):
+        assert leaders == [0, 2]
+
+
 def test_equal_but_distinct_images_or_interventions_do_not_share(tiny, images, monkeypatch):
     copies = [images[0].copy() for _ in QUESTIONS]  # equal pixels, distinct objects: not known to be one image
     _, calls = _run(tiny, "llava", copies, True, monkeypatch)
     assert calls == [len(QUESTIONS)]  # every row's image encoded, no shared prefill
-    vlm = vlmkit.wrap(*tiny("llava"), pruner="fastv:keep=4")  # in-LLM pruners read the whole prompt's attention
-    monkeypatch.setattr(Engine, "_prefill_shared", lambda *a: pytest.fail("shared with an intervention"))
-    vlm.generate([images[0]] * len(QUESTIONS), QUESTIONS, max_new_tokens=2)
+    # in-LLM pruners read the whole prompt's attention: the image is encoded once, the prefill is not shared
+    batch = [images[0]] * len(QUESTIONS)
+    shared, calls = _run(tiny, "llava", batch, True, monkeypatch, pruner="fastv:keep=4")
+    plain, _ = _run(tiny, "llava", batch, False, pruner="fastv:keep=4")
+    assert calls == [1] and [g.token_ids for g in shared] == [g.token_ids for g in plain]

@@ -6,8 +6,9 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 1. embed the prompt tokens; run the vision tower and projector; let the pruner choose visual tokens [select_visual];
 2. compute position ids on the unpruned sequence [positions]; pack the kept tokens (left-padded);
 3. prefill: walk the decoder layers; before each, gather attention requests [attention]; after each, edit the
-   residual [edit_residual] and let the pruner drop tokens [after_layer]. Without interventions, rows that ask about
-   the same image object prefill its prompt prefix once and share it (``_prefill_shared``);
+   residual [edit_residual] and let the pruner drop tokens [after_layer]. Rows that ask about the same image object
+   encode it once and, when the packed prefix up to its last visual token is identical and no intervention acts
+   beyond select_visual, prefill that prefix once and share it (``_prefill_shared``);
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
@@ -27,7 +28,7 @@ from vlmkit.errors import ConfigError, InputError
 from vlmkit.kernels.interface import LayerAttention
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
-from vlmkit.runtime.hooks import GenerationContext, Intervention, LayerState, Selection
+from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
 from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticDecoderPool, StaticKVCache
 
@@ -248,11 +249,17 @@ class Engine:
             generator.manual_seed(seed if seed is not None else torch.seed())
 
         started = _now(device)
-        groups = self._shared_prefixes(ctx, batch)
-        state, next_position, visual_in = self.initial_state(ctx, batch, groups)
+        shared_images = self._shared_images(ctx, batch)
+        state, next_position, visual_in = self.initial_state(ctx, batch, shared_images)
         visual_kept = state.is_visual.sum(dim=1).tolist()
         cache = ctx.cache = LayeredKVCache(len(self.adapter.layers))
         ctx.step = -1
+        # a shared prefill must not depend on the rest of the prompt: no intervention may act beyond select_visual
+        prefill_shareable = all(not i.overrides(hook) for i in self.interventions for hook in HOOKS
+                                if hook != "select_visual")
+        groups = None
+        if shared_images is not None and prefill_shareable:
+            groups = self._shared_prefixes(state, shared_images[0])
         if groups is not None:
             state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
         else:
@@ -282,30 +289,37 @@ class Engine:
         return rows
 
     # -- shared image prefixes ------------------------------------------------------------------------------------
-    def _shared_prefixes(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:
+    def _shared_images(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:
         """Rows that ask about the same image (the same object in ``ctx.images``) with the same prompt tokens up to
-        its last visual token: each row's group ``[B]`` and each group's first row. None when no two rows share
-        (or sharing is off or not exact: interventions may depend on the whole prompt; every row needs a token after
-        its image)."""
-        if not self.share_image_prefix or self.interventions or batch.batch_size < 2:
+        its last visual token: each row's group ``[B]`` and each group's first row; the vision tower encodes each
+        group's image once. None when no two rows share or a row has no token after its image."""
+        if not self.share_image_prefix or batch.batch_size < 2:
             return None
         ids, valid = batch.input_ids, batch.attention_mask.bool()
         index = torch.arange(ids.shape[1], device=ids.device)
         last_visual = torch.where(batch.is_visual, index, -1).amax(dim=1)
         if bool((last_visual < 0).any() or (last_visual == ids.shape[1] - 1).any()):
             return None
-        keys: dict[tuple, int] = {}
-        groups, leaders = [], []
-        for row in range(batch.batch_size):
-            prefix = ids[row][valid[row] & (index <= last_visual[row])]
-            key = (id(ctx.images[row]), tuple(prefix.tolist()))
-            if key not in keys:
-                keys[key] = len(leaders)
-                leaders.append(row)
-            groups.append(keys[key])
-        if len(leaders) == batch.batch_size:
-            return None
-        return torch.tensor(groups, device=ids.device), leaders
+        return _groups([(id(ctx.images[row]), tuple(ids[row][valid[row] & (index <= last_visual[row])].tolist()))
+                        for row in range(batch.batch_size)], ids.device)
+
+    @staticmethod
+    def _shared_prefixes(state: LayerState, image_group: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+        """Of the rows that share an image, those whose packed prefixes (hidden states and positions) are identical
+        after the vision-side pruner: the groups that may share one prefill, or None."""
+        index = torch.arange(state.valid.shape[1], device=state.valid.device)
+        in_prefix = state.valid & (index <= torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True))
+        positions = state.positions if state.positions.dim() == 3 else state.positions.unsqueeze(0)
+        keys, seen = [], {}
+        for row, group in enumerate(image_group.tolist()):
+            prefix = (state.hidden[row][in_prefix[row]], positions[:, row][:, in_prefix[row]])
+            candidates = seen.setdefault(group, [])
+            match = next((other for other, theirs in candidates if all(map(torch.equal, prefix, theirs))), None)
+            if match is None:
+                candidates.append((row, prefix))
+                match = row
+            keys.append(match)
+        return _groups(keys, index.device)
 
     def _prefill_shared(self, ctx, batch: PreparedBatch, state: LayerState, cache: LayeredKVCache,
                         groups: torch.Tensor, leaders: list[int]):
@@ -477,6 +491,16 @@ class _BeamDecoder(_TokenDecoder):
             steps.cache.reorder(parents)
             logits = steps.run(tokens, step)
         return [self._result(ids, None) for ids in search.best()]
+
+
+def _groups(keys: list, device: torch.device) -> tuple[torch.Tensor, list[int]] | None:
+    """Rows with equal keys: each row's group ``[B]`` and each group's first row; None when every key differs."""
+    first: dict = {}
+    groups = [first.setdefault(key, len(first)) for key in keys]
+    if len(first) == len(keys):
+        return None
+    leaders = [groups.index(group) for group in range(len(first))]
+    return torch.tensor(groups, device=device), leaders
 
 
 def _select_rows(state: LayerState, rows: torch.Tensor) -> LayerState:

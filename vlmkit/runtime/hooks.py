@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     from vlmkit.models.base import Adapter
 
 
+#: every hook, in the order of the table above
+HOOKS = ("prepare", "positions", "select_visual", "attention", "after_layer", "edit_residual", "edit_logits",
+         "early_exit", "accept", "fallback", "after_step")
+
+
 @dataclass
 class VisualTokens:
     """One image's visual tokens as the language model would receive them, plus what the vision side knows.
