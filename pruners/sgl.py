@@ -53,6 +53,7 @@ from vlmkit.runtime.hooks import (AttentionRequest, GenerationContext, Intervent
 class _Grids(Intervention):
     """Records each image's visual-token grid (no selection)."""
 
+    acts_in_decode = False  # the guide's own answer may decode as a CUDA graph
     grids: list[tuple[int, int]] = []
 
     def select_visual(self, ctx: GenerationContext, tokens: list[VisualTokens]) -> None:
@@ -124,6 +125,7 @@ class SmallGuidance(Pruner):
             raise ConfigError(f"sgl: consistency_keep must be in (0, 1], got {consistency_keep}")
         self.small, self.layer, self.exit_threshold = small, layer, exit_threshold
         self.consistency_keep = consistency_keep
+        self._guide = None  # (the grid recorder, the engine that generates the guide's answers)
 
     def prune_layer(self, count: int) -> int:
         """K: the first layer that sees only the kept tokens."""
@@ -154,10 +156,12 @@ class SmallGuidance(Pruner):
         small = self.small_vlm(ctx)
         adapter = small.adapter
         batch = adapter.prepare(ctx.images, ctx.prompts)
-        grids = _Grids()
+        if self._guide is None or self._guide[1].adapter is not adapter:  # kept, so its decode graphs are reused
+            grids = _Grids()
+            self._guide = (grids, Engine(adapter, [grids], small.engine.attention_backend))
+        grids, engine = self._guide
         sub = GenerationContext(adapter=adapter, prompts=ctx.prompts, images=ctx.images)
-        rows = Engine(adapter, [grids], small.engine.attention_backend).generate(
-            sub, batch, max_new_tokens=ctx.max_new_tokens or 1, sampling=SamplingConfig())
+        rows = engine.generate(sub, batch, max_new_tokens=ctx.max_new_tokens or 1, sampling=SamplingConfig())
         answers = [r.token_ids for r in rows]
         pad = adapter.tokenizer.pad_token_id if adapter.tokenizer.pad_token_id is not None else 0
         full = with_answers(batch, [a[:-1] for a in answers], pad)
