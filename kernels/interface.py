@@ -11,8 +11,8 @@ Backends for a call with a :class:`LayerAttention` (``backend="auto"``): CUDA te
 masked slots follow the real keys, so the static decode cache (``vlmkit.runtime.static_decode``) decodes the tokens
 of the dynamic one. On the CPU, or for a ``mask_mod`` that is a plain callable rather than a
 :class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the torch reference and plain calls use
-sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on
-the torch reference. A mask that ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
+sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on the torch reference. A mask that
+``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
 """
 
 from __future__ import annotations
