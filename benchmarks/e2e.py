@@ -94,11 +94,13 @@ class Bench:
 
     # ---- HF transformers generate (sdpa) ----
 
-    def hf_inputs(self, images: list[Image.Image], prompt: str) -> dict:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
-        return inputs.to(self.device)
+    def hf_inputs(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        """The processor's left-padded inputs for one chat prompt per image."""
+        texts = [self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            add_generation_prompt=True) for prompt in prompts]
+        self.processor.tokenizer.padding_side = "left"
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
 
     def hf_generate(self, inputs: dict, tokens: int) -> float:
         started = now(self.device)
@@ -107,7 +109,7 @@ class Bench:
         return now(self.device) - started
 
     def hf(self) -> dict:
-        inputs = self.hf_inputs([self.image], PROMPT)
+        inputs = self.hf_inputs([self.image], [PROMPT])
         self.hf_generate(inputs, 2)  # warm-up
         ttft = statistics.median(self.hf_generate(inputs, 1) for _ in range(self.repeats))
         full = statistics.median(self.hf_generate(inputs, self.new_tokens) for _ in range(self.repeats))
@@ -122,18 +124,11 @@ class Bench:
 
     def hf_throughput(self, batch: int, per_image: int) -> float:
         images, questions = self.pope_batch(batch, per_image)
-
-        def inputs():  # the processor runs per call: image processing is in the wall time, as for vlmkit
-            messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
-                        for q in questions]
-            texts = [self.processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
-            self.processor.tokenizer.padding_side = "left"
-            return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
-
-        self.hf_generate(inputs(), 3)  # warm-up
+        # the processor runs in every call: image processing is in the wall time, as for vlmkit
+        self.hf_generate(self.hf_inputs(images, questions), 3)  # warm-up
         started = now(self.device)
         for _ in range(self.repeats):
-            self.hf_generate(inputs(), 3)
+            self.hf_generate(self.hf_inputs(images, questions), 3)
         return batch * self.repeats / (now(self.device) - started)
 
     # ---- vlmkit ----

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlmkit.decoders.base import Decoder
 from vlmkit.models.base import unpack_features
-from vlmkit.testing import tiny_model
+from vlmkit.testing import tiny_model, tokens_of
 
 # The tiny models' ops are far too small to gain from intra-op threads, and on a shared 2-core machine extra threads
 # make them many times slower. Child processes (the interpreter run, torchrun) inherit the setting.
@@ -59,7 +59,7 @@ def decode():
     def run(model, processor, images, prompts, *decoders: str, max_new_tokens: int = 6) -> list[list[int]]:
         outputs = vlmkit.wrap(model, processor, decoders=list(decoders)).generate(
             images, prompts, max_new_tokens=max_new_tokens)
-        return [g.token_ids for g in outputs]
+        return tokens_of(outputs)
 
     return run
 

@@ -11,10 +11,7 @@ import vlmkit
 from vlmkit.decoders.gift import enhancement_bias, gaze_saliency, informative_mask
 from vlmkit.decoders.locore import LocalCoherence
 from vlmkit.runtime.hooks import GenerationContext, LayerState
-
-
-def tokens_of(outputs):
-    return [g.token_ids for g in outputs]
+from vlmkit.testing import tokens_of
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

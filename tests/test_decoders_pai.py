@@ -15,7 +15,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 import vlmkit
 from vlmkit.errors import ConfigError
 from vlmkit.runtime.sampling import BeamSearch
-from vlmkit.testing import tiny_model
+from vlmkit.testing import tiny_model, tokens_of
 
 HAND = {"alpha": 0.0, "layers": (), "first_row": 0, "visual": None}
 
@@ -51,10 +51,6 @@ def guided(image: torch.Tensor, text: torch.Tensor, gamma: float, beta: float) -
     cond, uncond = image.log_softmax(-1), text.log_softmax(-1)
     out = gamma * (cond - uncond) + uncond
     return out.masked_fill(cond < math.log(beta) + cond.max(), float("-inf"))
-
-
-def tokens_of(outputs):
-    return [g.token_ids for g in outputs]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

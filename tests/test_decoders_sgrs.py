@@ -9,11 +9,7 @@ import torch
 import vlmkit
 from vlmkit.decoders.sgrs import SaliencyRejection
 from vlmkit.errors import ConfigError
-from vlmkit.testing import tiny_model
-
-
-def tokens_of(outputs):
-    return [g.token_ids for g in outputs]
+from vlmkit.testing import tiny_model, tokens_of
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

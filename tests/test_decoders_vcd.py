@@ -12,6 +12,7 @@ import torch
 import vlmkit
 from vlmkit.errors import ConfigError
 from vlmkit.runtime.sampling import BeamSearch
+from vlmkit.testing import tokens_of
 
 
 def noised_by_hand(pixels: torch.Tensor, sizes: list[int], step: int = 500, seed: int = 0) -> torch.Tensor:
@@ -31,10 +32,6 @@ def noised_for(batch) -> torch.Tensor:
 def expected(clean: torch.Tensor, noisy: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     out = (1 + alpha) * clean - alpha * noisy
     return out.masked_fill(clean < math.log(beta) + clean.max(), float("-inf"))
-
-
-def tokens_of(outputs):
-    return [g.token_ids for g in outputs]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

@@ -7,7 +7,7 @@ import pytest
 
 import vlmkit
 from vlmkit.runtime.engine import Engine
-from vlmkit.testing import FAMILIES
+from vlmkit.testing import FAMILIES, tokens_of
 
 QUESTIONS = ["Is there a dog in the image?", "What color is the table?", "Describe the image.", "How many cups?",
              "Is there a cat?"]
@@ -32,7 +32,7 @@ def test_shared_prefixes_decode_the_unshared_tokens(tiny, images, family, num_be
     shared, calls = _run(tiny, family, batch, True, monkeypatch, decode=decode, num_beams=num_beams)
     plain, _ = _run(tiny, family, batch, False, num_beams=num_beams)
     assert calls == [2, [0, 2]]  # each image encoded once; one prefill per image, rows 0 and 2 lead their groups
-    assert [g.token_ids for g in shared] == [g.token_ids for g in plain]
+    assert tokens_of(shared) == tokens_of(plain)
     for mine, theirs in zip(shared, plain):
         for key in ("visual_tokens_in", "visual_tokens_by_layer", "kept_visual_indices", "visual_tokens_kept"):
             assert mine.stats[key] == theirs.stats[key]
@@ -46,7 +46,7 @@ def test_vision_side_pruners_share_what_they_select_alike(tiny, images, family, 
     batch = [a, a, b, a, b]
     shared, calls = _run(tiny, family, batch, True, monkeypatch, pruner=pruner)
     plain, _ = _run(tiny, family, batch, False, pruner=pruner)
-    assert [g.token_ids for g in shared] == [g.token_ids for g in plain]
+    assert tokens_of(shared) == tokens_of(plain)
     assert [g.stats["kept_visual_indices"] for g in shared] == [g.stats["kept_visual_indices"] for g in plain]
     first_rows: dict = {}  # (image, kept tokens) -> the first row that has them
     for row, (image, generation) in enumerate(zip(batch, plain)):
@@ -65,4 +65,4 @@ def test_equal_but_distinct_images_or_interventions_do_not_share(tiny, images, m
     batch = [images[0]] * len(QUESTIONS)
     shared, calls = _run(tiny, "llava", batch, True, monkeypatch, pruner="fastv:keep=4")
     plain, _ = _run(tiny, "llava", batch, False, pruner="fastv:keep=4")
-    assert calls == [1] and [g.token_ids for g in shared] == [g.token_ids for g in plain]
+    assert calls == [1] and tokens_of(shared) == tokens_of(plain)

@@ -9,6 +9,7 @@ import torch
 import vlmkit
 from vlmkit.errors import ConfigError
 from vlmkit.runtime.static_decode import CAPACITY_BUCKET
+from vlmkit.testing import tiny_model, tokens_of
 
 
 def _generate(tiny, family, images, prompts, decode, **kwargs):
@@ -21,7 +22,7 @@ def _generate(tiny, family, images, prompts, decode, **kwargs):
 def test_pruned_layouts_decode_the_same(tiny, images, prompts, family, pruner):
     _, dynamic = _generate(tiny, family, images, prompts, "dynamic", pruner=pruner)
     vlm, static = _generate(tiny, family, images, prompts, "static", pruner=pruner)
-    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    assert tokens_of(static) == tokens_of(dynamic)
     assert all(len(g.token_ids) > 1 for g in static)
     # one static decoder, whose layers hold fewer slots after an in-LLM pruner's layer than before it
     (decoder,) = vlm.engine.static_decoders.decoders.values()
@@ -41,9 +42,9 @@ def test_static_decoders_are_reused_and_give_the_same_tokens(tiny, images, promp
     other = vlm.generate(images[::-1], prompts[::-1], max_new_tokens=8)
     assert list(vlm.engine.static_decoders.decoders.values()) == [decoder]
     again = vlm.generate(images, prompts, max_new_tokens=8)
-    assert [g.token_ids for g in again] == [g.token_ids for g in first]
+    assert tokens_of(again) == tokens_of(first)
     reference = vlmkit.wrap(*tiny("llava"), decode="dynamic").generate(images[::-1], prompts[::-1], max_new_tokens=8)
-    assert [g.token_ids for g in other] == [g.token_ids for g in reference]
+    assert tokens_of(other) == tokens_of(reference)
 
 
 def test_decoders_keep_the_dynamic_cache(tiny, images, prompts):
@@ -56,7 +57,7 @@ def test_sampling_with_a_seed_matches(tiny, images, prompts):
     runs = [vlmkit.wrap(*tiny("qwen2_vl"), decode=mode).generate(images, prompts, max_new_tokens=10, do_sample=True,
                                                                   temperature=1.5, seed=3)
             for mode in ("dynamic", "static")]
-    assert [g.token_ids for g in runs[0]] == [g.token_ids for g in runs[1]]
+    assert tokens_of(runs[0]) == tokens_of(runs[1])
 
 
 def test_unknown_decode_mode(tiny):
@@ -87,8 +88,6 @@ def test_static_cache_writes_one_slot_per_step(tiny, images, prompts):
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("pruner", [None, "fastv:keep=8"])
 def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pruner):
-    from vlmkit.testing import tiny_model
-
     model, processor = tiny_model(family, dtype=torch.bfloat16)
     model.cuda()
     graphed = vlmkit.wrap(model, processor, pruner=pruner)  # decode="auto": CUDA graphs on a GPU
@@ -96,4 +95,4 @@ def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pru
     (decoder,) = graphed.engine.static_decoders.decoders.values()
     assert decoder.graph is not None
     slow = vlmkit.wrap(model, processor, pruner=pruner, decode="dynamic").generate(images, prompts, max_new_tokens=16)
-    assert [g.token_ids for g in fast] == [g.token_ids for g in slow]
+    assert tokens_of(fast) == tokens_of(slow)

@@ -93,6 +93,11 @@ SHAPED = {
 }
 
 
+def tokens_of(generations) -> list[list[int]]:
+    """The token ids of each generation, to compare two runs."""
+    return [g.token_ids for g in generations]
+
+
 def tiny_model(family: str, seed: int = 0, *, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Return ``(model, processor)``: a tiny random VLM of the real class for ``family``, in eval mode."""
     if family not in TINY:

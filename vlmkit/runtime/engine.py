@@ -293,7 +293,7 @@ class Engine:
         """Rows that ask about the same image (the same object in ``ctx.images``) with the same prompt tokens up to
         its last visual token: each row's group ``[B]`` and each group's first row; the vision tower encodes each
         group's image once. None when no two rows share or a row has no token after its image."""
-        if not self.share_image_prefix or batch.batch_size < 2:
+        if not self.share_image_prefix or len({id(image) for image in ctx.images}) == batch.batch_size:
             return None
         ids, valid = batch.input_ids, batch.attention_mask.bool()
         index = torch.arange(ids.shape[1], device=ids.device)

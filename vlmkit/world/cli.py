@@ -19,29 +19,15 @@ def add_parser(subparsers) -> None:
 
     train = commands.add_parser("train", help="train a built-in world model (GPU)")
     train.add_argument("--model", default="world-tiny", help="size: world-tiny, world-small")
-    train.add_argument("--out", required=True, help="output folder for the checkpoint")
-    train.add_argument("--steps", type=int, default=6000)
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--workers", type=int, default=8)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
+    _add_schedule_arguments(train, steps=6000, batch_size=64, lr=1e-3)
     train.add_argument("--init", help="start from this checkpoint (folder or builtin:NAME) instead of random weights")
     train.add_argument("--init-vision", help="copy the vision tower of this checkpoint (same vision config)")
     train.add_argument("--concentric", action="store_true",
                        help="train with CCA's concentric positions and mask (a world-*-cca twin; run it with --decoder cca)")
-    train.add_argument("--device")
     train.set_defaults(func=run_train)
 
     clip = commands.add_parser("train-clip", help="train the world CLIP presence checker (GPU)")
-    clip.add_argument("--out", required=True, help="output folder for the checkpoint")
-    clip.add_argument("--steps", type=int, default=100_000)
-    clip.add_argument("--batch-size", type=int, default=128)
-    clip.add_argument("--lr", type=float, default=2e-3)
-    clip.add_argument("--workers", type=int, default=8)
-    clip.add_argument("--seed", type=int, default=0)
-    clip.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
-    clip.add_argument("--device")
+    _add_schedule_arguments(clip, steps=100_000, batch_size=128, lr=2e-3)
     clip.set_defaults(func=run_train_clip)
 
     eval_clip = commands.add_parser("eval-clip", help="precision / recall / F1 of a world CLIP presence check")
@@ -57,6 +43,24 @@ def add_parser(subparsers) -> None:
     gates = commands.add_parser("train-dyvte-gates", help="train DyVTE exit gates for a world model (CPU, minutes)")
     dyvte_train.add_arguments(gates)
     gates.set_defaults(func=dyvte_train.run)
+
+
+def _add_schedule_arguments(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float) -> None:
+    """The options of a world trainer (``vlmkit.world.train.Schedule``), its output folder and device."""
+    parser.add_argument("--out", required=True, help="output folder for the checkpoint")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, help="stop after this long (the lr schedule follows time)")
+    parser.add_argument("--device")
+
+
+def _schedule(args: argparse.Namespace) -> dict:
+    """The ``Schedule`` fields given on the command line."""
+    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "workers": args.workers,
+            "seed": args.seed, "max_seconds": args.max_minutes * 60 if args.max_minutes else None}
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -77,10 +81,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.model not in SIZES:
         raise ConfigError(f"unknown world model size {args.model!r}; choose one of {', '.join(SIZES)}")
-    config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         workers=args.workers, seed=args.seed, init=args.init, init_vision=args.init_vision,
-                         concentric=args.concentric,
-                         max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    config = TrainConfig(model=args.model, init=args.init, init_vision=args.init_vision, concentric=args.concentric,
+                         **_schedule(args))
     out = train(config, args.out, device=args.device)
     print(f"saved the checkpoint to {out}")
     return 0
@@ -89,9 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_train_clip(args: argparse.Namespace) -> int:
     from vlmkit.world.clip import ClipTrainConfig, train_clip
 
-    config = ClipTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
-                             seed=args.seed, max_seconds=args.max_minutes * 60 if args.max_minutes else None)
-    train_clip(config, args.out, device=args.device)
+    train_clip(ClipTrainConfig(**_schedule(args)), args.out, device=args.device)
     print(f"saved the world CLIP checkpoint to {args.out}")
     return 0
 

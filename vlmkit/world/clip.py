@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -37,7 +36,7 @@ from vlmkit.world.dataset import scenes
 from vlmkit.world.model import world_tokenizer
 from vlmkit.world.render import render
 from vlmkit.world.scene import sample_scene
-from vlmkit.world.train import TRAIN_IMAGE_IDS, _device_name, _lr_factor
+from vlmkit.world.train import TRAIN_IMAGE_IDS, Schedule, device_name, fit
 
 NAME = "world-clip"
 BUILTIN = f"builtin:{NAME}"
@@ -137,19 +136,12 @@ def load_world_clip(source: str | Path = BUILTIN, device: str | torch.device = "
 
 
 @dataclass
-class ClipTrainConfig:
-    """Settings of :func:`train_clip` (the fields mean what they mean in ``vlmkit.world.train.TrainConfig``)."""
+class ClipTrainConfig(Schedule):
+    """Settings of :func:`train_clip` (as in ``vlmkit.world.train.TrainConfig``, other defaults)."""
 
     steps: int = 100_000
     batch_size: int = 128
     lr: float = 2e-3
-    warmup: int = 200
-    weight_decay: float = 0.05
-    seed: int = 0
-    world_seed: int = 0
-    workers: int = 8
-    log_every: int = 50
-    max_seconds: float | None = None  # stop after this long; the schedule then runs on elapsed time, not steps
 
 
 class PresenceStream(IterableDataset):
@@ -191,40 +183,21 @@ def train_clip(config: ClipTrainConfig, out: str | Path, device: str | None = No
     loader = DataLoader(PresenceStream(config, model.visual.image_size[0]), batch_size=config.batch_size,
                         num_workers=config.workers, persistent_workers=config.workers > 0,
                         pin_memory=device.type == "cuda")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms, biases, logit scale and bias
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98),
-    )
-    started, log = time.time(), []
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                                 lambda step: _lr_factor(step, config, time.time() - started))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for step, (pixels, labels) in enumerate(loader, start=1):
-        with autocast:
-            logits = model.get_logits(normalize(pixels.to(device, non_blocking=True), model), prompts)[0]
-        loss = presence_loss(logits.float(), labels.to(device, non_blocking=True))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        pixels, labels = batch
+        logits = model.get_logits(normalize(pixels.to(device, non_blocking=True), model), prompts)[0]
+        return presence_loss(logits.float(), labels.to(device, non_blocking=True))
+
+    def clamp_scale() -> None:
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # as open_clip's trainer does
-        seconds = time.time() - started
-        out_of_time = config.max_seconds is not None and seconds >= config.max_seconds
-        if step % config.log_every == 0 or step == config.steps or out_of_time:
-            entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
-                     "seconds": round(seconds, 1), "samples_per_s": round(step * config.batch_size / seconds, 1)}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
-        if step >= config.steps or out_of_time:
-            break
+
+    log = fit(model, loader, loss_of, config, device, after_step=clamp_scale)
     model.eval()
     save_file({key: _stored(value) for key, value in model.state_dict().items()}, out / WEIGHTS_FILE)
     (out / "training.json").write_text(json.dumps({
-        "config": asdict(config), "device": _device_name(device), "torch": torch.__version__,
+        "config": asdict(config), "device": device_name(device), "torch": torch.__version__,
         "open_clip": open_clip.__version__, "timm": timm.__version__, "log": log}, indent=1))
     return load_world_clip(out, device)  # the model as stored (bf16 weights)
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +32,9 @@ IGNORE = -100
 
 
 @dataclass
-class TrainConfig:
-    model: str = "world-tiny"
+class Schedule:
+    """What :func:`fit` needs: steps, batch, optimiser, data seeds and stopping (shared by the world trainers)."""
+
     steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
@@ -40,11 +43,16 @@ class TrainConfig:
     seed: int = 0
     world_seed: int = 0
     workers: int = 8
+    log_every: int = 50
+    max_seconds: float | None = None  # stop after this long; the schedule then runs on elapsed time, not steps
+
+
+@dataclass
+class TrainConfig(Schedule):
+    model: str = "world-tiny"
     init: str | None = None  # start from this checkpoint (a folder or builtin:NAME) instead of random weights
     init_vision: str | None = None  # copy the vision tower from this checkpoint (same vision config)
     concentric: bool = False  # train with CCA's concentric positions and mask (a world-*-cca twin)
-    log_every: int = 50
-    max_seconds: float | None = None  # stop after this long; the schedule then runs on elapsed time, not steps
 
 
 class WorldStream(IterableDataset):
@@ -140,39 +148,19 @@ def train(config: TrainConfig, out: str | Path, device: str | None = None) -> Pa
         WorldStream(processor, config), batch_size=config.batch_size, num_workers=config.workers,
         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id), persistent_workers=config.workers > 0,
     )
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98),
-    )
-    started, log = time.time(), []
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config, time.time() - started))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for step, batch in enumerate(loader, start=1):
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         batch["pixel_values"] = normalize(batch.pop("pixels"), processor.image_processor)
         if config.concentric:
             batch["position_ids"], batch["attention_mask"] = concentric_inputs(
                 batch["input_ids"], batch["attention_mask"], image_token_id)
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        out_of_time = config.max_seconds is not None and time.time() - started >= config.max_seconds
-        if step % config.log_every == 0 or step == config.steps or out_of_time:
-            entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
-                     "seconds": round(time.time() - started, 1)}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
-        if step >= config.steps or out_of_time:
-            break
+        return model(**batch).loss
+
+    log = fit(model, loader, loss_of, config, device)
     model.eval().to(torch.bfloat16).save_pretrained(out, max_shard_size="15MB")
     processor.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps({"config": asdict(config), "device": _device_name(device),
+    (out / "training.json").write_text(json.dumps({"config": asdict(config), "device": device_name(device),
                                                    "torch": torch.__version__, "log": log}, indent=1))
     return out
 
@@ -189,7 +177,44 @@ def copy_vision_tower(model: LlavaForConditionalGeneration, source: str) -> None
     model.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
 
 
-def _lr_factor(step: int, config: TrainConfig, elapsed: float) -> float:
+def fit(model: torch.nn.Module, loader: Iterable, loss_of: Callable[[Any], torch.Tensor], config: Schedule,
+        device: torch.device, after_step: Callable[[], None] | None = None) -> list[dict]:
+    """The world trainers' loop: AdamW (no weight decay on vectors), a linear warm-up then a cosine decay to 5% over
+    the steps (or over ``max_seconds``), ``loss_of(batch)`` under bf16 autocast on CUDA, gradients clipped at 1,
+    ``after_step()`` after each update. Stops after ``config.steps`` or ``config.max_seconds``; returns the loss log
+    (also printed as JSON lines)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98),
+    )
+    started, log = time.time(), []
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config, time.time() - started))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step, batch in enumerate(loader, start=1):
+        with autocast:
+            loss = loss_of(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        seconds = time.time() - started
+        out_of_time = config.max_seconds is not None and seconds >= config.max_seconds
+        if step % config.log_every == 0 or step == config.steps or out_of_time:
+            entry = {"step": step, "loss": round(loss.item(), 4), "lr": schedule.get_last_lr()[0],
+                     "seconds": round(seconds, 1), "samples_per_s": round(step * config.batch_size / seconds, 1)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if step >= config.steps or out_of_time:
+            break
+    return log
+
+
+def _lr_factor(step: int, config: Schedule, elapsed: float) -> float:
     """Linear warm-up, then cosine decay to 5% over the steps (or over ``max_seconds``)."""
     if step < config.warmup:
         return (step + 1) / config.warmup
@@ -199,5 +224,5 @@ def _lr_factor(step: int, config: TrainConfig, elapsed: float) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
