@@ -18,8 +18,10 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
   wall time including image processing for both, with 1 and with 6 questions per image (POPE asks 6 about each
   image; vlmkit then prefills each image's prompt prefix once and shares it, HF has no such reuse).
 * ``decode_path``: ``cuda-graph`` when vlmkit replayed the decode steps as a CUDA graph over its static KV cache
-  (``decode="auto"``: no decoder edits the steps), else ``dynamic``. For graph runs, ``tokens_match_dynamic`` says
-  whether the same greedy call with ``decode="dynamic"`` (the eager layer walk) gave the same tokens.
+  (``decode="auto"``: no decoder edits the steps), else ``dynamic``. ``prefill_path``: ``cuda-graph`` when it
+  replayed the language-model prefill as a CUDA graph of bucketed length (``prefill="auto"``: no method acts inside
+  the language model), else ``dynamic``. For graph runs, ``tokens_match_dynamic`` says whether the same greedy call
+  with ``decode="dynamic", prefill="dynamic"`` (the eager layer walk) gave the same tokens.
   ``vlmkit-dense-dynamic`` times that eager path.
 * ``sgl`` (LLaVA shape only): the small model is a random-weight TinyLlama-1.1B-shaped LLaVA with the same CLIP
   tower (``llava-tinyllama-1.1b``); ``sgl_exit_rate`` is the fraction of timed calls the small model answered alone.
@@ -134,7 +136,8 @@ class Bench:
     # ---- vlmkit ----
 
     def vlmkit(self, make) -> dict:
-        """Time ``make(decode)``'s VLM; check a graph-decoded greedy call against the dynamic path."""
+        """Time ``make(mode)``'s VLM (``mode`` for its prefill and decode); check a graph-replayed greedy call
+        against the dynamic path."""
         vlm = make("auto")
         vlm.generate(self.image, PROMPT, max_new_tokens=self.new_tokens)  # warm-up (Triton compiles, graph capture)
         runs = []
@@ -144,9 +147,10 @@ class Bench:
             runs.append((now(self.device) - started, generation.stats, generation.token_ids))
         steps = [max(1, stats["new_tokens"] - 1) for _, stats, _ in runs]
         stats = runs[0][1]
-        graph = bool(vlm.engine.static_decoders.decoders)
+        graph = bool(vlm.engine.static_decoders.items)
+        prefill_graph = any(p.graph is not None for p in vlm.engine.static_prefills.items.values())
         check = {}
-        if graph:
+        if graph or prefill_graph:
             slow = make("dynamic").generate(self.image, PROMPT, max_new_tokens=self.new_tokens)[0]
             check = {"tokens_match_dynamic": slow.token_ids == runs[0][2]}
         exits = [s.get("sgl_exit") for _, s, _ in runs]
@@ -160,6 +164,7 @@ class Bench:
             "visual_tokens_in": stats["visual_tokens_in"],
             "visual_tokens_mean_over_layers": float(np.mean(stats["visual_tokens_by_layer"])),
             "decode_path": "cuda-graph" if graph else "dynamic",
+            "prefill_path": "cuda-graph" if prefill_graph else "dynamic",
             **check,
         }
 
@@ -201,7 +206,8 @@ def run(args: argparse.Namespace) -> None:
                                                 "questions_per_s": bench.hf_throughput(batch, per_image)})
             bench.save()
     def with_vlmkit(pruner=None, decoders=()):
-        return lambda decode: vlmkit.wrap(model, processor, pruner=pruner, decoders=list(decoders), decode=decode)
+        return lambda mode: vlmkit.wrap(model, processor, pruner=pruner, decoders=list(decoders), decode=mode,
+                                        prefill=mode)
 
     wanted = set(args.only or [])
     configs = {"vlmkit-dense": with_vlmkit()}
@@ -211,10 +217,11 @@ def run(args: argparse.Namespace) -> None:
         small = vlmkit.wrap(*shaped_model("llava-tinyllama-1.1b", dtype=torch.bfloat16, device="cuda"))
         from vlmkit.pruners.sgl import SmallGuidance
 
-        configs[f"sgl:keep={args.keep}"] = lambda decode: vlmkit.wrap(
-            model, processor, pruner=SmallGuidance(small=small, keep=args.keep), decode=decode)
-        configs[f"sgl:keep={args.keep},exit_threshold=0"] = lambda decode: vlmkit.wrap(
-            model, processor, pruner=SmallGuidance(small=small, keep=args.keep, exit_threshold=0.0), decode=decode)
+        configs[f"sgl:keep={args.keep}"] = lambda mode: vlmkit.wrap(
+            model, processor, pruner=SmallGuidance(small=small, keep=args.keep), decode=mode, prefill=mode)
+        configs[f"sgl:keep={args.keep},exit_threshold=0"] = lambda mode: vlmkit.wrap(
+            model, processor, pruner=SmallGuidance(small=small, keep=args.keep, exit_threshold=0.0), decode=mode,
+            prefill=mode)
     configs.update({d: with_vlmkit(decoders=[d]) for d in DECODERS})
     for pruner, decoder in COMBINED:
         pruner = pruner.format(keep=args.keep)
@@ -225,7 +232,7 @@ def run(args: argparse.Namespace) -> None:
         bench.record(name, lambda: bench.vlmkit(make))
         if name == "vlmkit-dense":
             eager = make("dynamic")
-            bench.record("vlmkit-dense-dynamic", lambda: bench.vlmkit(lambda decode: eager))
+            bench.record("vlmkit-dense-dynamic", lambda: bench.vlmkit(lambda mode: eager))
             dense = make("auto")
             for batch in args.batches:
                 for per_image in args.questions_per_image:

@@ -25,7 +25,7 @@ def test_pruned_layouts_decode_the_same(tiny, images, prompts, family, pruner):
     assert tokens_of(static) == tokens_of(dynamic)
     assert all(len(g.token_ids) > 1 for g in static)
     # one static decoder, whose layers hold fewer slots after an in-LLM pruner's layer than before it
-    (decoder,) = vlm.engine.static_decoders.decoders.values()
+    (decoder,) = vlm.engine.static_decoders.items.values()
     capacities = [keys.shape[-2] for keys in decoder.cache.keys]
     assert all(c % CAPACITY_BUCKET == 0 for c in capacities)
     lengths = decoder.cache.base.tolist()
@@ -37,10 +37,10 @@ def test_pruned_layouts_decode_the_same(tiny, images, prompts, family, pruner):
 def test_static_decoders_are_reused_and_give_the_same_tokens(tiny, images, prompts):
     vlm = vlmkit.wrap(*tiny("llava"), decode="static")
     first = vlm.generate(images, prompts, max_new_tokens=8)
-    (decoder,) = vlm.engine.static_decoders.decoders.values()
+    (decoder,) = vlm.engine.static_decoders.items.values()
     # other prompts of similar length: same batch size and capacity bucket, so the same buffers (and graph)
     other = vlm.generate(images[::-1], prompts[::-1], max_new_tokens=8)
-    assert list(vlm.engine.static_decoders.decoders.values()) == [decoder]
+    assert list(vlm.engine.static_decoders.items.values()) == [decoder]
     again = vlm.generate(images, prompts, max_new_tokens=8)
     assert tokens_of(again) == tokens_of(first)
     reference = vlmkit.wrap(*tiny("llava"), decode="dynamic").generate(images[::-1], prompts[::-1], max_new_tokens=8)
@@ -50,7 +50,7 @@ def test_static_decoders_are_reused_and_give_the_same_tokens(tiny, images, promp
 def test_decoders_keep_the_dynamic_cache(tiny, images, prompts):
     vlm = vlmkit.wrap(*tiny("llava"), decode="static", decoders=["vcd"])
     vlm.generate(images[:1], prompts[:1], max_new_tokens=4)
-    assert not vlm.engine.static_decoders.decoders
+    assert not vlm.engine.static_decoders.items
 
 
 def test_sampling_with_a_seed_matches(tiny, images, prompts):
@@ -92,7 +92,7 @@ def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pru
     model.cuda()
     graphed = vlmkit.wrap(model, processor, pruner=pruner)  # decode="auto": CUDA graphs on a GPU
     fast = graphed.generate(images, prompts, max_new_tokens=16)
-    (decoder,) = graphed.engine.static_decoders.decoders.values()
+    (decoder,) = graphed.engine.static_decoders.items.values()
     assert decoder.graph is not None
     slow = vlmkit.wrap(model, processor, pruner=pruner, decode="dynamic").generate(images, prompts, max_new_tokens=16)
     assert tokens_of(fast) == tokens_of(slow)

@@ -45,6 +45,7 @@ class VLM:
         decoders: Sequence[decoder_registry.Decoder | str] = (),
         attn: str = "auto",
         decode: str = "auto",
+        prefill: str = "auto",
     ):
         if attn not in ATTENTION_BACKENDS:
             raise ConfigError(f"unknown attention backend {attn!r}; choose one of {ATTENTION_BACKENDS}")
@@ -54,7 +55,8 @@ class VLM:
         model.set_attn_implementation({"text_config": attention_interface.IMPLEMENTATION})
         self.pruner = pruner_registry.create_from_spec(pruner) if isinstance(pruner, str) else pruner
         self.decoders = [decoder_registry.create_from_spec(d) if isinstance(d, str) else d for d in decoders]
-        self.engine = Engine(self.adapter, self.interventions, attention_backend=attn, decode=decode)
+        self.engine = Engine(self.adapter, self.interventions, attention_backend=attn, decode=decode,
+                             prefill=prefill)
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -116,13 +118,17 @@ def wrap(
     decoders: Sequence[decoder_registry.Decoder | str] = (),
     attn: str = "auto",
     decode: str = "auto",
+    prefill: str = "auto",
 ) -> VLM:
     """Attach vlmkit to an already loaded model. Its language model's attention is set to ``"vlmkit"`` (which
     behaves like sdpa in the model's own ``forward`` and ``generate``). ``decode``: ``"auto"`` replays decode steps
     as a CUDA graph over a static KV cache on CUDA when no decoder edits them and the answer may run to 8 tokens or
     more; ``"static"`` uses the static cache on any device and for any length; ``"dynamic"`` never
-    (``vlmkit.runtime.static_decode``)."""
-    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode)
+    (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as a CUDA graph
+    of bucketed length on CUDA when no method acts inside the language model and the batch holds up to 2048 bucketed
+    tokens; ``"static"`` runs the bucketed prefill on any device and size; ``"dynamic"`` never
+    (``vlmkit.runtime.static_prefill``)."""
+    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode, prefill=prefill)
 
 
 def load(
@@ -134,6 +140,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     attn: str = "auto",
     decode: str = "auto",
+    prefill: str = "auto",
     device_map: str | dict | None = None,
 ) -> VLM:
     """Load a hub id, a local folder or ``"builtin:NAME"`` and wrap it.
@@ -163,7 +170,8 @@ def load(
         raise ConfigError(f"cannot load model {model!r}: {error}") from None
     if device_map is None:
         hf_model = hf_model.to(device)
-    return wrap(hf_model.eval(), processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode)
+    return wrap(hf_model.eval(), processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode,
+                prefill=prefill)
 
 
 BUILTIN_DIR = Path(__file__).parent / "world" / "checkpoints"

@@ -12,6 +12,9 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
+
+When no intervention acts inside the language model's prefill, step 3 runs in fixed-shape buffers of bucketed length,
+replayed as a CUDA graph on CUDA (static_prefill.py).
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
-from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticDecoderPool, StaticKVCache
+from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, POOL_SIZE, LRUPool, StaticKVCache, static_decoder
+from vlmkit.runtime.static_prefill import LLM_PREFILL_HOOKS, MAX_GRAPH_TOKENS, bucketed, static_prefill
 
 StreamCallback = Callable[[int, str], None]
 
-# "auto": the static cache and CUDA-graph replay on CUDA for answers of MIN_NEW_TOKENS or more when no intervention
-# acts during decoding, else dynamic;
-# "static": the static cache whenever no intervention acts during decoding (eager on the CPU); "dynamic": never.
-DECODE_MODES = ("auto", "static", "dynamic")
+# Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA for answers of MIN_NEW_TOKENS or more
+# when no intervention acts during decoding; "static" uses the static cache whenever no intervention acts during
+# decoding (eager on the CPU); "dynamic" never. Prefill: "auto" replays the bucketed prefill as a CUDA graph on CUDA
+# when no intervention acts inside the language model and batch x bucket <= MAX_GRAPH_TOKENS; "static" runs the
+# bucketed prefill whenever no intervention acts inside the language model (eager on the CPU); "dynamic" never.
+STATIC_MODES = ("auto", "static", "dynamic")
 
 
 @dataclass
@@ -60,15 +66,17 @@ class Engine:
     """Runs generation for one adapter with one pruner and any number of decoders."""
 
     def __init__(self, adapter: Adapter, interventions: Sequence[Intervention] = (), attention_backend: str = "auto",
-                 decode: str = "auto", share_image_prefix: bool = True):
-        if decode not in DECODE_MODES:
-            raise ConfigError(f"unknown decode mode {decode!r}; choose one of {DECODE_MODES}")
+                 decode: str = "auto", prefill: str = "auto", share_image_prefix: bool = True):
+        for kind, mode in (("decode", decode), ("prefill", prefill)):
+            if mode not in STATIC_MODES:
+                raise ConfigError(f"unknown {kind} mode {mode!r}; choose one of {STATIC_MODES}")
         self.adapter = adapter
         self.interventions = list(interventions)
         self.attention_backend = attention_backend
-        self.decode = decode
+        self.decode, self.prefill = decode, prefill
         self.share_image_prefix = share_image_prefix
-        self.static_decoders = StaticDecoderPool()
+        self.static_decoders = LRUPool(POOL_SIZE)
+        self.static_prefills = LRUPool(POOL_SIZE)
 
     @functools.cached_property
     def graph_pool(self):
@@ -262,11 +270,16 @@ class Engine:
             groups = self._shared_prefixes(state, shared_images[0])
         if groups is not None:
             state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
+            logits = self._logits(ctx, state, collected)
         else:
-            state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
+            if self._static_prefill(state):
+                cache, logits = static_prefill(self, state).run(ctx, state)
+                ctx.cache, visual_counts = cache, [state.is_visual.sum(dim=1)] * len(self.adapter.layers)
+            else:
+                state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
+                logits = self._logits(ctx, state, collected)
             kept_visual = _kept_visual_indices(batch.is_visual, state)
         visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
-        logits = self._logits(ctx, state, collected)
         prefill_s = _now(device) - started
 
         decoder = _BeamDecoder if sampling.num_beams > 1 else _TokenDecoder
@@ -287,6 +300,14 @@ class Engine:
             }
             _add_method_stats(result, ctx, row)
         return rows
+
+    def _static_prefill(self, state: LayerState) -> bool:
+        """Whether this prefill runs in the bucketed buffers (``static_prefill.py``)."""
+        if self.prefill == "dynamic" or any(i.overrides(hook) for i in self.interventions for hook in LLM_PREFILL_HOOKS):
+            return False
+        batch, length = state.valid.shape
+        return self.prefill == "static" or (self.adapter.device.type == "cuda"
+                                            and batch * bucketed(length) <= MAX_GRAPH_TOKENS)
 
     # -- shared image prefixes ------------------------------------------------------------------------------------
     def _shared_images(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:
@@ -390,7 +411,7 @@ class Engine:
         static = self.decode == "static" or (self.decode == "auto" and self.adapter.device.type == "cuda"
                                              and ctx.max_new_tokens >= MIN_NEW_TOKENS)
         if static and not any(i.acts_in_decode for i in self.interventions):
-            decoder = self.static_decoders.get(self, cache, next_position, ctx.max_new_tokens)
+            decoder = static_decoder(self, cache, next_position, ctx.max_new_tokens)
             return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
         return DecodeSteps(lambda tokens, step: self.decode_step(
             ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)

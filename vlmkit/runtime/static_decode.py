@@ -16,7 +16,8 @@ work in the prefill and keep it; decoders edit the decode steps and keep the dyn
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
     from vlmkit.runtime.engine import Engine
 
 CAPACITY_BUCKET = 256  # cache slots per layer are rounded up to a multiple of this
-POOL_SIZE = 2  # static decoders (buffers and graphs) kept per engine, least recently used dropped first
+POOL_SIZE = 2  # static decoders, and static prefills, kept per engine (least recently used dropped first)
 MIN_NEW_TOKENS = 8  # "auto" decodes shorter answers dynamically: a graph capture would cost more than it saves
+
+T = TypeVar("T")
 
 
 class StaticKVCache:
@@ -98,38 +101,52 @@ class StaticDecoder:
         if not self.tokens.is_cuda:
             return self._run(ctx)
         if self.graph is None:
-            # A step only writes slot base + step and then reads it, so running it twice gives the same result:
-            # the warm-up on a side stream is this step itself, the replay below repeats it in the graph.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._run(ctx)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.engine.graph_pool):
-                self.logits = self._run(ctx)
+            # A step only writes slot base + step and then reads it, so the warm-up run repeats this very step.
+            self.graph, self.logits = capture_graph(lambda: self._run(ctx), pool=self.engine.graph_pool)
         self.graph.replay()
         return self.logits.clone()
 
 
-class StaticDecoderPool:
-    """The engine's static decoders by (batch size, capacities), least recently used dropped beyond
-    :data:`POOL_SIZE`. Their buffers stay allocated for reuse (``batch x capacity`` keys and values per layer);
-    :meth:`clear` frees them."""
+def capture_graph(run: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Capture ``run()`` as a CUDA graph after one warm-up call on a side stream (Triton compiles, cuBLAS picks its
+    kernels); returns the graph and the output tensors it writes on each replay. ``run`` must give the same result
+    when called twice."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    return graph, outputs
 
-    def __init__(self):
-        self.decoders: OrderedDict[tuple, StaticDecoder] = OrderedDict()
+
+class LRUPool(Generic[T]):
+    """Objects by key, the least recently used dropped beyond ``size``; their buffers stay allocated for reuse
+    until dropped or :meth:`clear`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict[tuple, T] = OrderedDict()
 
     def clear(self) -> None:
-        self.decoders.clear()
+        self.items.clear()
 
-    def get(self, engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor,
-            max_new_tokens: int) -> StaticDecoder:
-        capacities = [-(-(length + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET for length in cache.lengths()]
-        key = (next_position.shape[0], tuple(capacities), cache.keys[0].dtype, str(cache.keys[0].device))
-        decoder = self.decoders.pop(key, None) or StaticDecoder(engine, cache, capacities, next_position)
-        self.decoders[key] = decoder
-        while len(self.decoders) > POOL_SIZE:
-            self.decoders.popitem(last=False)
-        decoder.start(cache, next_position)
-        return decoder
+    def get(self, key: tuple, make: Callable[[], T]) -> T:
+        item = self.items.pop(key, None) or make()
+        self.items[key] = item
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return item
+
+
+def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor,
+                   max_new_tokens: int) -> StaticDecoder:
+    """The engine's static decoder for this batch size and cache layout (capacities rounded up to
+    :data:`CAPACITY_BUCKET`), loaded with ``cache``."""
+    capacities = [-(-(length + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET for length in cache.lengths()]
+    key = (next_position.shape[0], tuple(capacities), cache.keys[0].dtype, str(cache.keys[0].device))
+    decoder = engine.static_decoders.get(key, lambda: StaticDecoder(engine, cache, capacities, next_position))
+    decoder.start(cache, next_position)
+    return decoder

@@ -1,0 +1,87 @@
+"""The bucketed, right-padded prefill (the CUDA-graph prefill path, run eagerly on the CPU) computes what the
+dynamic layer walk computes: the same logits and cache, so the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime.hooks import GenerationContext
+from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_prefill
+from vlmkit.testing import FAMILIES, tiny_model, tokens_of
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_prefill_gives_the_walks_logits_and_cache(tiny, images, prompts, family):
+    vlm = vlmkit.wrap(*tiny(family))
+    engine = vlm.engine
+    batch = vlm.adapter.prepare(images, prompts)
+    ctx = GenerationContext(adapter=vlm.adapter, prompts=prompts, images=images)
+    state, _, _ = engine.initial_state(ctx, batch)
+    length = state.valid.shape[1]
+    prefill = static_prefill(engine, state)
+    assert prefill.hidden.shape[1] % LENGTH_BUCKET == 0 and prefill.hidden.shape[1] > length
+    cache, logits = prefill.run(ctx, state)
+    walked_cache = LayeredKVCache(len(vlm.adapter.layers))
+    walked, collected, _ = engine.run_layers(ctx, state, walked_cache, set())
+    torch.testing.assert_close(logits, engine._logits(ctx, walked, collected), rtol=1e-5, atol=1e-5)
+    assert cache.lengths() == walked_cache.lengths() == [length] * len(vlm.adapter.layers)
+    for layer in range(len(vlm.adapter.layers)):
+        valid = walked_cache.valid[layer]
+        assert torch.equal(cache.valid[layer], valid)
+        for mine, theirs in ((cache.keys, walked_cache.keys), (cache.values, walked_cache.values)):
+            # [B, H, L, D] -> the real tokens [n, H, D] (padding slots are masked and hold anything)
+            torch.testing.assert_close(mine[layer].transpose(1, 2)[valid], theirs[layer].transpose(1, 2)[valid],
+                                       rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,pruner,num_beams,decode", [
+    ("llava", None, 1, "dynamic"), ("qwen2_5_vl", None, 2, "dynamic"), ("qwen2_vl", "divprune:keep=5", 1, "static"),
+    ("llava", "visionzip:keep=6", 1, "static"), ("qwen2_5_vl", "uniform:keep=6", 1, "dynamic"),
+])
+def test_static_prefill_decodes_the_dynamic_tokens(tiny, images, prompts, family, pruner, num_beams, decode):
+    runs = {}
+    for prefill in ("dynamic", "static"):
+        vlm = vlmkit.wrap(*tiny(family), prefill=prefill, decode=decode, pruner=pruner)
+        runs[prefill] = vlm.generate(images, prompts, max_new_tokens=10, num_beams=num_beams)
+    assert len(vlm.engine.static_prefills.items) == 1
+    assert tokens_of(runs["static"]) == tokens_of(runs["dynamic"])
+    for mine, theirs in zip(runs["static"], runs["dynamic"]):
+        for key in ("visual_tokens_kept", "visual_tokens_by_layer", "kept_visual_indices"):
+            assert mine.stats[key] == theirs.stats[key]
+
+
+def test_prompts_of_one_bucket_share_a_static_prefill(tiny, images, prompts):
+    vlm = vlmkit.wrap(*tiny("llava"), prefill="static")
+    first = vlm.generate(images, prompts, max_new_tokens=6)
+    (prefill,) = vlm.engine.static_prefills.items.values()
+    other = vlm.generate(images[::-1], ["What is this?", "Describe it.", "Any cups here?"], max_new_tokens=6)
+    assert list(vlm.engine.static_prefills.items.values()) == [prefill]
+    assert tokens_of(vlm.generate(images, prompts, max_new_tokens=6)) == tokens_of(first)
+    reference = vlmkit.wrap(*tiny("llava"), prefill="dynamic").generate(
+        images[::-1], ["What is this?", "Describe it.", "Any cups here?"], max_new_tokens=6)
+    assert tokens_of(other) == tokens_of(reference)
+
+
+@pytest.mark.parametrize("methods", [{"pruner": "fastv:keep=8"}, {"decoders": ["vcd"]}, {"decoders": ["vista:window=2"]}])
+def test_methods_inside_the_language_model_keep_the_walk(tiny, images, prompts, methods):
+    vlm = vlmkit.wrap(*tiny("llava"), prefill="static", **methods)
+    vlm.generate(images[:1], prompts[:1], max_new_tokens=3)
+    assert not vlm.engine.static_prefills.items
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+@pytest.mark.parametrize("pruner", [None, "divprune:keep=8"])
+def test_cuda_graph_prefill_gives_the_dynamic_tokens(images, prompts, family, pruner):
+    model, processor = tiny_model(family, dtype=torch.bfloat16)
+    model.cuda()
+    graphed = vlmkit.wrap(model, processor, pruner=pruner)  # prefill="auto": a CUDA graph on a GPU
+    fast = [graphed.generate(images, prompts, max_new_tokens=16) for _ in range(2)]  # capture, then replay
+    (prefill,) = graphed.engine.static_prefills.items.values()
+    assert prefill.graph is not None
+    slow = vlmkit.wrap(model, processor, pruner=pruner, prefill="dynamic", decode="dynamic").generate(
+        images, prompts, max_new_tokens=16)
+    assert tokens_of(fast[0]) == tokens_of(fast[1]) == tokens_of(slow)
