@@ -17,6 +17,7 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * POPE-style throughput (dense only): questions per second for one-word answers (3 new tokens) at batch 16 and 64,
   wall time including image processing for both, with 1 and with 6 questions per image (POPE asks 6 about each
   image; vlmkit then prefills each image's prompt prefix once and shares it, HF has no such reuse).
+  ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing.
 * ``decode_path``: ``cuda-graph`` when vlmkit replayed the decode steps as a CUDA graph over its static KV cache
   (``decode="auto"``: no decoder edits the steps), else ``dynamic``. ``prefill_path``: ``cuda-graph`` when it
   replayed the language-model prefill as a CUDA graph of bucketed length (``prefill="auto"``: no method acts inside
@@ -46,7 +47,7 @@ import transformers
 from PIL import Image
 
 import vlmkit
-from vlmkit.testing import SHAPED, shaped_model, tiny_model
+from vlmkit.testing import SHAPED, shaped_model, tiny_model, tokens_of
 
 PRUNERS = ["uniform", "random", "fastv", "pdrop", "divprune", "visionzip", "fastervlm", "dart", "zoo", "agile"]
 EXTRA_PRUNERS = ["dyvte:exit_layer=2", "fastv:keep={keep},debias=exp"]
@@ -61,6 +62,23 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def environment(model: torch.nn.Module) -> dict:
+    """The device and library versions a result was measured with."""
+    device = model.device
+    meta = {
+        "weights": "random", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "vlmkit": vlmkit.__version__,
+        "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
+    }
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return meta
 
 
 def random_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
@@ -168,13 +186,21 @@ class Bench:
             **check,
         }
 
-    def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int, per_image: int) -> float:
+    def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int, per_image: int) -> dict:
+        """Questions per second; with several questions per image, also whether the shared-prefix answers are the
+        unshared ones."""
         images, questions = self.pope_batch(batch, per_image)
-        vlm.generate(images, questions, max_new_tokens=3)  # warm-up
+        answers = vlm.generate(images, questions, max_new_tokens=3)  # warm-up
         started = now(self.device)
         for _ in range(self.repeats):
             vlm.generate(images, questions, max_new_tokens=3)
-        return batch * self.repeats / (now(self.device) - started)
+        result = {"questions_per_s": batch * self.repeats / (now(self.device) - started)}
+        if per_image > 1:
+            vlm.engine.share_image_prefix = False
+            unshared = vlm.generate(images, questions, max_new_tokens=3)
+            vlm.engine.share_image_prefix = True
+            result["tokens_match_unshared"] = tokens_of(unshared) == tokens_of(answers)
+        return result
 
 
 def run(args: argparse.Namespace) -> None:
@@ -184,19 +210,8 @@ def run(args: argparse.Namespace) -> None:
     else:
         model, processor = shaped_model(args.model, dtype=torch.bfloat16, device="cuda")
         name, image_size = args.model, SHAPED[args.model][1]["image_size"]
-    device = model.device
-    meta = {
-        "model": name, "weights": "random", "batch": 1, "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "keep": args.keep, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "vlmkit": vlmkit.__version__,
-        "parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 2),
-    }
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
+    meta = {"model": name, **environment(model), "batch": 1, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "keep": args.keep}
     bench = Bench(model, processor, image_size, args.new_tokens, args.repeats, Path(args.out), meta)
     model.set_attn_implementation("sdpa")
     bench.record("hf-sdpa", bench.hf)
@@ -238,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
                 for per_image in args.questions_per_image:
                     bench.results["throughput"].append({
                         "config": "vlmkit-dense", "batch": batch, "questions_per_image": per_image,
-                        "questions_per_s": bench.vlmkit_throughput(dense, batch, per_image)})
+                        **bench.vlmkit_throughput(dense, batch, per_image)})
                     bench.save()
 
 

@@ -8,6 +8,7 @@ import torch
 
 import vlmkit
 from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import GenerationContext
 from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_prefill
 from vlmkit.testing import FAMILIES, tiny_model, tokens_of
@@ -74,14 +75,35 @@ def test_methods_inside_the_language_model_keep_the_walk(tiny, images, prompts, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-@pytest.mark.parametrize("pruner", [None, "divprune:keep=8"])
+@pytest.mark.parametrize("pruner", [None, "divprune:keep=8", "fastervlm:keep=8"])
 def test_cuda_graph_prefill_gives_the_dynamic_tokens(images, prompts, family, pruner):
+    if pruner == "fastervlm:keep=8" and family != "llava":
+        pytest.skip("fastervlm needs a [CLS] token")
     model, processor = tiny_model(family, dtype=torch.bfloat16)
     model.cuda()
-    graphed = vlmkit.wrap(model, processor, pruner=pruner)  # prefill="auto": a CUDA graph on a GPU
+    graphed = vlmkit.wrap(model, processor, pruner=pruner)  # prefill="auto": CUDA graphs on a GPU
     fast = [graphed.generate(images, prompts, max_new_tokens=16) for _ in range(2)]  # capture, then replay
     (prefill,) = graphed.engine.static_prefills.items.values()
     assert prefill.graph is not None
+    assert len(graphed.engine.vision_graphs.pool.items) == (1 if family == "llava" else 0)  # Qwen's ViT: eager
     slow = vlmkit.wrap(model, processor, pruner=pruner, prefill="dynamic", decode="dynamic").generate(
         images, prompts, max_new_tokens=16)
     assert tokens_of(fast[0]) == tokens_of(fast[1]) == tokens_of(slow)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_calls_replay_fresh_inputs_and_keep_earlier_outputs():
+    calls = GraphedCalls()
+    weight = torch.randn(8, 8, device="cuda")
+
+    def forward(x):
+        return (x @ weight).relu(), None
+
+    first, second = torch.randn(3, 8, device="cuda"), torch.randn(3, 8, device="cuda")
+    out_first, nothing = calls.run("f", forward, first)
+    out_second, _ = calls.run("f", forward, second)
+    assert nothing is None and len(calls.pool.items) == 1
+    torch.testing.assert_close(out_first, forward(first)[0])  # not overwritten by the second replay
+    torch.testing.assert_close(out_second, forward(second)[0])
+    calls.run("f", forward, torch.randn(5, 8, device="cuda"))  # another shape: another graph
+    assert len(calls.pool.items) == 2

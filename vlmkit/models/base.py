@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import VisualTokens
 
 
@@ -130,8 +131,11 @@ class Adapter(ABC):
 
     # -- vision side ----------------------------------------------------------------------------------------------
     @abstractmethod
-    def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
-        """Vision tower + projector: one :class:`VisualTokens` per image (``attention`` filled on request)."""
+    def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
+                      graphs: GraphedCalls | None = None) -> list[VisualTokens]:
+        """Vision tower + projector: one :class:`VisualTokens` per image (``attention`` filled on request). An
+        adapter whose vision forward has fixed shapes and no host synchronisation may replay it through ``graphs``
+        (CUDA graphs; None: eager)."""
 
     # -- positions ------------------------------------------------------------------------------------------------
     def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:

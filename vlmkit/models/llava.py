@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from vlmkit.models.base import Adapter, PreparedBatch, unpack_features
+from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import VisualTokens
 
 
@@ -32,7 +34,28 @@ class LlavaAdapter(Adapter):
         layers = encoder.layers
         return layers[self.config.vision_feature_layer % (len(layers) + 1) - 1].self_attn
 
-    def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
+    def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
+                      graphs: GraphedCalls | None = None) -> list[VisualTokens]:
+        """The CLIP tower and projector have fixed shapes for one image size: with ``graphs`` they replay as a CUDA
+        graph."""
+        pixel_values = batch.vision_inputs["pixel_values"].to(self.vision_tower.dtype)
+        forward = functools.partial(self._vision_forward, with_attention=with_attention)
+        if graphs is None:
+            embeds, features, attention = forward(pixel_values)
+        else:
+            embeds, features, attention = graphs.run(f"llava-vision-{with_attention}", forward, pixel_values)
+        tokens = []
+        for index, image_embeds in enumerate(embeds):
+            side = math.isqrt(image_embeds.shape[0])
+            grid = (side, side) if side * side == image_embeds.shape[0] else (1, image_embeds.shape[0])
+            tokens.append(VisualTokens(image_embeds, grid, index,
+                                       features=None if features is None else features[index],
+                                       attention=None if attention is None else attention[index]))
+        return tokens
+
+    def _vision_forward(self, pixel_values: torch.Tensor, with_attention: bool):
+        """Tensors only: projected embeddings ``[B, N, D]``, the projector's input ``[B, N, D_v]`` (None when the
+        output has no hidden states) and the [CLS] attention ``[B, H, N]`` (None unless ``with_attention``)."""
         captured = {}
 
         def capture(module, args, kwargs):
@@ -41,31 +64,22 @@ class LlavaAdapter(Adapter):
         hook = self.feature_attention_module.register_forward_pre_hook(capture, with_kwargs=True) if with_attention else None
         try:
             output = self.model.model.get_image_features(
-                pixel_values=batch.vision_inputs["pixel_values"].to(self.vision_tower.dtype),
+                pixel_values=pixel_values,
                 vision_feature_layer=self.config.vision_feature_layer,
                 vision_feature_select_strategy=self.config.vision_feature_select_strategy,
             )
         finally:
             if hook is not None:
                 hook.remove()
-        embeds = unpack_features(output)
-        features = self._selected_features(output, len(embeds))
-        attention = self._cls_attention(captured["input"]) if with_attention else [None] * len(embeds)
-        tokens = []
-        for index, image_embeds in enumerate(embeds):
-            side = math.isqrt(image_embeds.shape[0])
-            grid = (side, side) if side * side == image_embeds.shape[0] else (1, image_embeds.shape[0])
-            tokens.append(VisualTokens(image_embeds, grid, index, features=features[index], attention=attention[index]))
-        return tokens
+        embeds = torch.stack(unpack_features(output))
+        return embeds, self._selected_features(output), self._cls_attention(captured["input"]) if with_attention else None
 
-    def _selected_features(self, output, count: int) -> list[torch.Tensor | None]:
+    def _selected_features(self, output) -> torch.Tensor | None:
         hidden_states = getattr(output, "hidden_states", None)
         if hidden_states is None:
-            return [None] * count
+            return None
         selected = hidden_states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]
-        return list(selected)
+        return selected[:, 1:] if self.config.vision_feature_select_strategy == "default" else selected
 
     def _cls_attention(self, hidden: torch.Tensor) -> torch.Tensor:
         """Per-head softmax attention of the [CLS] query over the patch keys, ``[B, H, N]`` (float32)."""

@@ -7,6 +7,7 @@ import inspect
 import torch
 
 from vlmkit.models.base import Adapter, PreparedBatch, unpack_features
+from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import VisualTokens
 
 
@@ -43,8 +44,10 @@ class Qwen2VLAdapter(Adapter):
         patches = vision_inputs["pixel_values"].split(grid_thw.prod(dim=-1).tolist())
         return {"pixel_values": torch.cat([patches[row] for row in rows]), "image_grid_thw": grid_thw[rows]}
 
-    def encode_images(self, batch: PreparedBatch, with_attention: bool = False) -> list[VisualTokens]:
-        """Qwen's ViT has no [CLS] token, so ``attention`` stays None."""
+    def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
+                      graphs: GraphedCalls | None = None) -> list[VisualTokens]:
+        """Qwen's ViT has no [CLS] token, so ``attention`` stays None. It always runs eagerly (``graphs`` unused):
+        its variable-resolution attention reads sequence lengths on the host."""
         grid_thw = batch.vision_inputs["image_grid_thw"]
         output = self.model.model.get_image_features(
             pixel_values=batch.vision_inputs["pixel_values"], image_grid_thw=grid_thw

@@ -14,7 +14,8 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
 
 When no intervention acts inside the language model's prefill, step 3 runs in fixed-shape buffers of bucketed length,
-replayed as a CUDA graph on CUDA (static_prefill.py).
+replayed as a CUDA graph on CUDA (static_prefill.py); the vision forward of small batches replays as a CUDA graph
+where the adapter allows it (LLaVA's CLIP tower; ``graphs.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
-from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, POOL_SIZE, LRUPool, StaticKVCache, static_decoder
-from vlmkit.runtime.static_prefill import LLM_PREFILL_HOOKS, MAX_GRAPH_TOKENS, bucketed, static_prefill
+from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
+from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, static_decoder
+from vlmkit.runtime.static_prefill import (
+    LLM_PREFILL_HOOKS, MAX_GRAPH_IMAGES, MAX_GRAPH_TOKENS, bucketed, static_prefill,
+)
 
 StreamCallback = Callable[[int, str], None]
 
@@ -77,6 +81,7 @@ class Engine:
         self.share_image_prefix = share_image_prefix
         self.static_decoders = LRUPool(POOL_SIZE)
         self.static_prefills = LRUPool(POOL_SIZE)
+        self.vision_graphs = GraphedCalls()
 
     @functools.cached_property
     def graph_pool(self):
@@ -192,10 +197,11 @@ class Engine:
         selectors = self._with("select_visual")
         with_attention = any(p.needs_vision_attention for p in selectors)
         if groups is None:
-            visual = self.adapter.encode_images(batch, with_attention)
+            visual = self.adapter.encode_images(batch, with_attention, self._vision_graphs(batch.batch_size))
         else:
             row_group, leaders = groups
-            unique = self.adapter.encode_images(self.adapter.select_rows(batch, leaders), with_attention)
+            unique = self.adapter.encode_images(self.adapter.select_rows(batch, leaders), with_attention,
+                                                self._vision_graphs(len(leaders)))
             visual = [dataclasses.replace(unique[group], image_index=row)
                       for row, group in enumerate(row_group.tolist())]
         selections: list[Selection | None] = [None] * len(visual)
@@ -300,6 +306,13 @@ class Engine:
             }
             _add_method_stats(result, ctx, row)
         return rows
+
+    def _vision_graphs(self, images: int) -> GraphedCalls | None:
+        """Where the adapter may replay its vision forward as a CUDA graph (``prefill`` not dynamic, CUDA, a small
+        batch of images), else None."""
+        if self.prefill == "dynamic" or self.adapter.device.type != "cuda" or images > MAX_GRAPH_IMAGES:
+            return None
+        return self.vision_graphs
 
     def _static_prefill(self, state: LayerState) -> bool:
         """Whether this prefill runs in the bucketed buffers (``static_prefill.py``)."""

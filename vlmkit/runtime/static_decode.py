@@ -15,23 +15,19 @@ work in the prefill and keep it; decoders edit the decode steps and keep the dyn
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 
 from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime.graphs import capture_graph
 from vlmkit.runtime.hooks import GenerationContext
 
 if TYPE_CHECKING:
     from vlmkit.runtime.engine import Engine
 
 CAPACITY_BUCKET = 256  # cache slots per layer are rounded up to a multiple of this
-POOL_SIZE = 2  # static decoders, and static prefills, kept per engine (least recently used dropped first)
 MIN_NEW_TOKENS = 8  # "auto" decodes shorter answers dynamically: a graph capture would cost more than it saves
-
-T = TypeVar("T")
 
 
 class StaticKVCache:
@@ -105,40 +101,6 @@ class StaticDecoder:
             self.graph, self.logits = capture_graph(lambda: self._run(ctx), pool=self.engine.graph_pool)
         self.graph.replay()
         return self.logits.clone()
-
-
-def capture_graph(run: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
-    """Capture ``run()`` as a CUDA graph after one warm-up call on a side stream (Triton compiles, cuBLAS picks its
-    kernels); returns the graph and the output tensors it writes on each replay. ``run`` must give the same result
-    when called twice."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = run()
-    return graph, outputs
-
-
-class LRUPool(Generic[T]):
-    """Objects by key, the least recently used dropped beyond ``size``; their buffers stay allocated for reuse
-    until dropped or :meth:`clear`."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.items: OrderedDict[tuple, T] = OrderedDict()
-
-    def clear(self) -> None:
-        self.items.clear()
-
-    def get(self, key: tuple, make: Callable[[], T]) -> T:
-        item = self.items.pop(key, None) or make()
-        self.items[key] = item
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return item
 
 
 def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import GenerationContext, LayerState
-from vlmkit.runtime.static_decode import capture_graph
+from vlmkit.runtime.graphs import capture_graph
 
 if TYPE_CHECKING:
     from vlmkit.runtime.engine import Engine
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 LLM_PREFILL_HOOKS = ("attention", "after_layer", "edit_residual", "edit_logits")
 LENGTH_BUCKET = 64  # the packed length is rounded up to a multiple of this (the Triton kernel's key block divides it)
 MAX_GRAPH_TOKENS = 2048  # "auto": batch x bucketed length up to this; longer prefills are compute-bound
+MAX_GRAPH_IMAGES = 4  # the vision forward replays as a graph (adapters that allow it) for batches up to this
 
 
 def bucketed(length: int) -> int:

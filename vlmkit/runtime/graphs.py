@@ -1,0 +1,77 @@
+"""CUDA-graph plumbing shared by the runtime's fixed-shape paths (static decode, static prefill, vision forward)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+POOL_SIZE = 2  # static decoders, static prefills and graphed calls kept per engine, least recently used dropped first
+
+T = TypeVar("T")
+
+
+def capture_graph(run: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """Capture ``run()`` as a CUDA graph after one warm-up call on a side stream (Triton compiles, cuBLAS picks its
+    kernels); returns the graph and the output tensors it writes on each replay. ``run`` must give the same result
+    when called twice."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    return graph, outputs
+
+
+class LRUPool(Generic[T]):
+    """Objects by key, the least recently used dropped beyond ``size``; their buffers stay allocated for reuse
+    until dropped or :meth:`clear`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.items: OrderedDict[tuple, T] = OrderedDict()
+
+    def clear(self) -> None:
+        self.items.clear()
+
+    def get(self, key: tuple, make: Callable[[], T]) -> T:
+        item = self.items.pop(key, None) or make()
+        self.items[key] = item
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return item
+
+
+
+class GraphedCall:
+    """``fn(*inputs)`` for inputs of one shape, replayed as a CUDA graph: the inputs are copied into static buffers
+    and the outputs (a tuple of tensors or None) are cloned out of the graph's."""
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor | None, ...]], inputs: tuple[torch.Tensor, ...]):
+        self.inputs = tuple(x.clone() for x in inputs)
+        self.graph, self.outputs = capture_graph(lambda: fn(*self.inputs))
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        for buffer, x in zip(self.inputs, inputs):
+            buffer.copy_(x)
+        self.graph.replay()
+        return tuple(None if out is None else out.clone() for out in self.outputs)
+
+
+class GraphedCalls:
+    """Pure tensor functions, each replayed as a CUDA graph per (name, input shapes); for a fixed-shape forward such
+    as a ViT on one image size. ``fn`` must have no host synchronisation and no output that depends on Python state
+    other than ``name``."""
+
+    def __init__(self, size: int = POOL_SIZE):
+        self.pool: LRUPool[GraphedCall] = LRUPool(size)
+
+    def run(self, name: str, fn: Callable[..., tuple[torch.Tensor | None, ...]],
+            *inputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        key = (name, *((tuple(x.shape), x.dtype, str(x.device)) for x in inputs))
+        return self.pool.get(key, lambda: GraphedCall(fn, inputs))(*inputs)
