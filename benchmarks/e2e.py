@@ -17,7 +17,9 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * POPE-style throughput (dense only): questions per second for one-word answers (3 new tokens) at batch 16 and 64,
   wall time including image processing for both, with 1 and with 6 questions per image (POPE asks 6 about each
   image; vlmkit then prefills each image's prompt prefix once and shares it, HF has no such reuse).
-  ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing.
+  ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
+  ``answers_differing_from_unshared`` counts the rows that differ, and ``unshared_answers_differing_from_batch_1``
+  the unshared batch's rows that differ from asking each question alone (bf16 rounding depends on the batch layout).
 * ``decode_path``: ``cuda-graph`` when vlmkit replayed the decode steps as a CUDA graph over its static KV cache
   (``decode="auto"``: no decoder edits the steps), else ``dynamic``. ``prefill_path``: ``cuda-graph`` when it
   replayed the language-model prefill as a CUDA graph of bucketed length (``prefill="auto"``: no method acts inside
@@ -197,9 +199,13 @@ class Bench:
         result = {"questions_per_s": batch * self.repeats / (now(self.device) - started)}
         if per_image > 1:
             vlm.engine.share_image_prefix = False
-            unshared = vlm.generate(images, questions, max_new_tokens=3)
+            unshared = tokens_of(vlm.generate(images, questions, max_new_tokens=3))
+            alone = [tokens_of(vlm.generate(image, question, max_new_tokens=3))[0]
+                     for image, question in zip(images, questions)]
             vlm.engine.share_image_prefix = True
-            result["tokens_match_unshared"] = tokens_of(unshared) == tokens_of(answers)
+            result["tokens_match_unshared"] = unshared == tokens_of(answers)
+            result["answers_differing_from_unshared"] = sum(a != b for a, b in zip(tokens_of(answers), unshared))
+            result["unshared_answers_differing_from_batch_1"] = sum(a != b for a, b in zip(unshared, alone))
         return result
 
 
