@@ -13,17 +13,10 @@ of the dynamic one. On the CPU, or for a ``mask_mod`` that is a plain callable r
 :class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the torch reference and plain calls use
 sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on the torch reference. A mask that
 ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
-
-Shared prefixes (cascade attention): when several batch rows continue one cached prompt prefix (POPE's questions
-about one image), ``LayerAttention.prefix`` holds that prefix's keys once per group (:class:`SharedKeys`). The call
-then attends to the row's own keys (causal) and, separately, to its group's prefix keys (all visible: they come
-first), with the queries of a group's rows stacked into one sequence, and merges the two by their log-sum-exp as
-split-KV decoding merges its splits. No row gets a copy of the prefix.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -39,42 +32,6 @@ IMPLEMENTATION = "vlmkit"
 
 
 @dataclass
-class PrefixGroups:
-    """Which shared prefix each batch row continues: ``rows [B]`` (each row's group), ``members [G, n]`` (each
-    group's rows, padded by repeating its first) and ``slots [B]`` (each row's place among its group's members)."""
-
-    rows: torch.Tensor
-    members: torch.Tensor
-    slots: torch.Tensor
-
-    @classmethod
-    def of(cls, rows: torch.Tensor) -> PrefixGroups:
-        groups = int(rows.max()) + 1
-        order = torch.argsort(rows, stable=True)
-        counts = torch.bincount(rows, minlength=groups)
-        starts = counts.cumsum(0) - counts
-        slots = torch.empty_like(rows)
-        slots[order] = torch.arange(rows.numel(), device=rows.device) - starts[rows[order]]
-        width = int(counts.max())
-        place = torch.arange(width, device=rows.device).clamp(max=counts.unsqueeze(1) - 1)  # [G, n]: pad with the last
-        members = order[starts.unsqueeze(1) + place]
-        return cls(rows=rows, members=members, slots=slots)
-
-    def to(self, device: torch.device) -> PrefixGroups:
-        return PrefixGroups(self.rows.to(device), self.members.to(device), self.slots.to(device))
-
-
-@dataclass
-class SharedKeys:
-    """One layer's cached prefix keys and values, one copy per group of rows that continue it."""
-
-    keys: torch.Tensor  # [G, Hkv, Lp, D]
-    values: torch.Tensor  # [G, Hkv, Lp, D]
-    valid: torch.Tensor  # [G, Lp] bool
-    groups: PrefixGroups
-
-
-@dataclass
 class LayerAttention:
     """What the runtime asks of one layer's attention call, and what comes back (``stats``)."""
 
@@ -85,7 +42,6 @@ class LayerAttention:
     probs_mod: ProbsMod | None = None  # edits the probabilities [B, Hq, Lq, Lk]: torch reference path only
     mass_queries: torch.Tensor | tuple[int, int] | None = None  # rows whose softmax mass is summed per key
     backend: str = "auto"  # "auto": fastest available path; "reference": always the torch reference
-    prefix: SharedKeys | None = None  # a cached prefix shared by groups of rows, attended before the row's own keys
     stats: AttentionStats | None = field(default=None, repr=False)
 
     @property
@@ -100,8 +56,6 @@ class LayerAttention:
             self.key_abs_gain = self.key_abs_gain.to(device)
         if isinstance(self.mass_queries, torch.Tensor):
             self.mass_queries = self.mass_queries.to(device)
-        if self.prefix is not None:
-            self.prefix = dataclasses.replace(self.prefix, groups=self.prefix.groups.to(device))
 
 
 def vlmkit_attention(
@@ -120,8 +74,6 @@ def vlmkit_attention(
     if call is None:
         return _sdpa(query, key, value, _hf_mask(attention_mask, query, key), scaling), None
     call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
-    if call.prefix is not None:
-        return _attention_after_shared_prefix(query, key, value, scaling, call), None
     causal = not getattr(call.mask_mod, "includes_causal", False)
     if call.backend == "auto" and call.probs_mod is None and _triton_can_run(query, call.mask_mod):
         out, call.stats = fused_attention(
@@ -147,43 +99,6 @@ def vlmkit_attention(
         bias = call.key_bias.to(query.dtype).unsqueeze(-2)
         mask = torch.where(allowed, bias, torch.finfo(query.dtype).min)
     return _sdpa(query, key, value, mask, scaling), None
-
-
-def _attention_after_shared_prefix(query, key, value, scaling, call: LayerAttention) -> torch.Tensor:
-    """Cascade attention: the row's own keys (causal) and its group's shared prefix keys, merged."""
-    if call.needs_statistics or call.key_bias is not None or call.key_abs_gain is not None \
-            or call.mask_mod is not None or call.probs_mod is not None:
-        raise ValueError("attention after a shared prefix takes no statistics, biases, gains or masks")
-    prefix, groups = call.prefix, call.prefix.groups
-    batch, heads, q_len, head_dim = query.shape
-    count, width = groups.members.shape
-    own = _attention_with_lse(query, key, value, scaling, True, call.key_valid, call.backend)
-    # each group's rows' queries as one sequence [G, H, n * Lq, D], all of them after every prefix key
-    stacked = query[groups.members].transpose(1, 2).reshape(count, heads, width * q_len, head_dim)
-    out, lse = _attention_with_lse(stacked, prefix.keys, prefix.values, scaling, False, prefix.valid, call.backend)
-    shared = (out.view(count, width, q_len, heads, head_dim)[groups.rows, groups.slots],
-              lse.view(count, heads, width, q_len)[groups.rows, :, groups.slots])
-    return merge_attention([own, shared])
-
-
-def _attention_with_lse(query, key, value, scaling, causal: bool, key_valid, backend: str):
-    """Plain attention and its log-sum-exp: ``out [B, Lq, H, D]``, ``lse [B, H, Lq]``."""
-    attend = fused_attention if backend == "auto" and _triton_can_run(query, None) else attention_reference
-    out, stats = attend(query, key, value, causal=causal, scale=scaling, key_valid=key_valid)
-    return out, stats.lse
-
-
-def merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Attention over several disjoint key sets from each set's ``(out [B, Lq, H, D], lse [B, H, Lq])``:
-    ``out = sum_s exp(lse_s - lse) out_s`` with ``lse = logsumexp_s lse_s``; a set with no allowed key
-    (``lse_s = -inf``) weighs nothing."""
-    dtype = torch.promote_types(parts[0][0].dtype, torch.float32)
-    lse = torch.stack([part_lse for _, part_lse in parts]).to(dtype)  # [S, B, H, Lq]
-    top = lse.amax(dim=0)
-    weights = torch.exp(lse - torch.where(top == float("-inf"), 0.0, top))
-    weights = weights / weights.sum(dim=0).clamp(min=torch.finfo(dtype).tiny)
-    merged = sum(out.to(dtype) * w.transpose(1, 2).unsqueeze(-1) for (out, _), w in zip(parts, weights))
-    return merged.to(parts[0][0].dtype)
 
 
 def _triton_can_run(query: torch.Tensor, mask_mod: MaskMod | None) -> bool:

@@ -8,7 +8,7 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 3. prefill: walk the decoder layers; before each, gather attention requests [attention]; after each, edit the
    residual [edit_residual] and let the pruner drop tokens [after_layer]. Rows that ask about the same image object
    encode it once and, when the packed prefix up to its last visual token is identical and no intervention acts
-   beyond select_visual, prefill that prefix once and attend to one shared copy of it (``_prefill_shared``);
+   beyond select_visual, prefill that prefix once and share it (``_prefill_shared``);
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.kernels.interface import LayerAttention, SharedKeys
+from vlmkit.kernels.interface import LayerAttention
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
@@ -120,10 +120,9 @@ class Engine:
         )
 
     # -- the layer walk -------------------------------------------------------------------------------------------
-    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, key_valid,
-                        prefix: SharedKeys | None) -> LayerAttention:
+    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, key_valid) -> LayerAttention:
         requests = [r for i in self._with("attention") if (r := i.attention(ctx, layer, state)) is not None]
-        call = LayerAttention(key_valid=key_valid, backend=self.attention_backend, prefix=prefix)
+        call = LayerAttention(key_valid=key_valid, backend=self.attention_backend)
         for request in requests:
             call.key_bias = _add(call.key_bias, request.key_bias)
             call.key_abs_gain = _add(call.key_abs_gain, request.key_abs_gain)
@@ -153,7 +152,7 @@ class Engine:
                 visual_counts.append(state.is_visual.sum(dim=1))
             key_valid = cache.extend_valid(index, state.valid)
             state.key_valid = key_valid
-            call = self._attention_call(ctx, index, state, key_valid, cache.prefix_at(index))
+            call = self._attention_call(ctx, index, state, key_valid)
             state.hidden = layer(
                 state.hidden,
                 attention_mask=None,
@@ -358,18 +357,17 @@ class Engine:
 
     def _prefill_shared(self, ctx, batch: PreparedBatch, state: LayerState, cache: LayeredKVCache,
                         groups: torch.Tensor, leaders: list[int]):
-        """Image-prefix reuse: prefill each shared prefix (the prompt up to the image's last visual token) once,
-        keep it in the cache as one shared copy per group (``LayeredKVCache.share_as_prefix``), then prefill the rest
-        of each row after it; attention reads the group's prefix and the row's own keys and merges them. Key
-        validity masks the padding of both and positions are the unshared ones, so the logits are those of the
-        unshared prefill up to rounding."""
+        """Image-prefix reuse: prefill each shared prefix (the prompt up to the image's last visual token) once, give
+        every row a copy of its prefix's cache, then prefill the rest of each row on top of it. The cache then holds
+        ``[padding, prefix, padding, rest]`` per row; key validity masks the padding and positions are the unshared
+        ones, so the logits are those of the unshared prefill up to rounding."""
         index = torch.arange(state.valid.shape[1], device=state.valid.device)
         last_visual = torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True)
         rows = torch.tensor(leaders, device=index.device)
         prefix = self.compact(_select_rows(state, rows), (index <= last_visual)[rows])
         prefix, _, visual_counts = self.run_layers(ctx, prefix, cache, set())
         kept_visual = _kept_visual_indices(batch.is_visual[rows], prefix)
-        cache.share_as_prefix(groups)
+        cache.reorder(groups)
         rest, collected, _ = self.run_layers(ctx, self.compact(state, index > last_visual), cache, set())
         return (rest, collected, [counts[groups] for counts in visual_counts],
                 [kept_visual[group] for group in groups.tolist()])
@@ -426,7 +424,7 @@ class Engine:
         static = self.decode == "static" or (self.decode == "auto" and self.adapter.device.type == "cuda"
                                              and ctx.max_new_tokens >= MIN_NEW_TOKENS)
         if static and not any(i.acts_in_decode for i in self.interventions):
-            decoder = static_decoder(self, cache.without_prefix(), next_position, ctx.max_new_tokens)
+            decoder = static_decoder(self, cache, next_position, ctx.max_new_tokens)
             return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
         return DecodeSteps(lambda tokens, step: self.decode_step(
             ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)

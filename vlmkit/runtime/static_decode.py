@@ -65,10 +65,6 @@ class StaticKVCache:
         self.valid[layer_idx].index_copy_(1, self._slot(layer_idx), valid)
         return self.valid[layer_idx]
 
-    def prefix_at(self, layer_idx: int) -> None:
-        """No shared prefix: the static cache holds each row's copy (``LayeredKVCache.without_prefix``)."""
-        return None
-
     def reorder(self, index: torch.Tensor) -> None:
         """Select rows in place (beam search), keeping the buffers' addresses."""
         for tensor in (*self.keys, *self.values, *self.valid):
