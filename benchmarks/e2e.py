@@ -210,13 +210,17 @@ class Bench:
         return result
 
 
+def benchmark_model(model_name: str, tiny: str | None):
+    """``(model, processor, name, image_size)``: the random-weight 7B shape on CUDA, or a tiny model on the CPU."""
+    if tiny:
+        model, processor = tiny_model(tiny)
+        return model, processor, f"tiny-{tiny}", 32
+    model, processor = shaped_model(model_name, dtype=torch.bfloat16, device="cuda")
+    return model, processor, model_name, SHAPED[model_name][1]["image_size"]
+
+
 def run(args: argparse.Namespace) -> None:
-    if args.tiny:
-        model, processor = tiny_model(args.tiny)
-        name, image_size = f"tiny-{args.tiny}", 32
-    else:
-        model, processor = shaped_model(args.model, dtype=torch.bfloat16, device="cuda")
-        name, image_size = args.model, SHAPED[args.model][1]["image_size"]
+    model, processor, name, image_size = benchmark_model(args.model, args.tiny)
     meta = {"model": name, **environment(model), "batch": 1, "new_tokens": args.new_tokens,
             "repeats": args.repeats, "keep": args.keep}
     bench = Bench(model, processor, image_size, args.new_tokens, args.repeats, Path(args.out), meta)

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 import vlmkit
-from e2e import PROMPT, environment, now, random_images
+from e2e import PROMPT, benchmark_model, environment, now, random_images
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import GenerationContext
 from vlmkit.runtime.static_prefill import static_prefill
-from vlmkit.testing import SHAPED, shaped_model, tiny_model
+from vlmkit.testing import SHAPED
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -79,12 +79,7 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    if args.tiny:
-        model, processor = tiny_model(args.tiny)
-        name, image_size = f"tiny-{args.tiny}", 32
-    else:
-        model, processor = shaped_model(args.model, dtype=torch.bfloat16, device="cuda")
-        name, image_size = args.model, SHAPED[args.model][1]["image_size"]
+    model, processor, name, image_size = benchmark_model(args.model, args.tiny)
     image = random_images(1, image_size)[0]
     results = {"model": name, **environment(model), "batch": 1, "keep": args.keep, "repeats": args.repeats,
                "configs": []}

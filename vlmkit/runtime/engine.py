@@ -32,9 +32,9 @@ from vlmkit.errors import ConfigError, InputError
 from vlmkit.kernels.interface import LayerAttention
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
 from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
-from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
 from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, static_decoder
 from vlmkit.runtime.static_prefill import (
     LLM_PREFILL_HOOKS, MAX_GRAPH_IMAGES, MAX_GRAPH_TOKENS, bucketed, static_prefill,
@@ -277,13 +277,13 @@ class Engine:
         if groups is not None:
             state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
             logits = self._logits(ctx, state, collected)
+        elif self._static_prefill(state):
+            cache, logits = static_prefill(self, state).run(ctx, state)
+            ctx.cache, visual_counts = cache, [state.is_visual.sum(dim=1)] * len(self.adapter.layers)
+            kept_visual = _kept_visual_indices(batch.is_visual, state)
         else:
-            if self._static_prefill(state):
-                cache, logits = static_prefill(self, state).run(ctx, state)
-                ctx.cache, visual_counts = cache, [state.is_visual.sum(dim=1)] * len(self.adapter.layers)
-            else:
-                state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
-                logits = self._logits(ctx, state, collected)
+            state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
+            logits = self._logits(ctx, state, collected)
             kept_visual = _kept_visual_indices(batch.is_visual, state)
         visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
         prefill_s = _now(device) - started

@@ -47,7 +47,6 @@ class LRUPool(Generic[T]):
         return item
 
 
-
 class GraphedCall:
     """``fn(*inputs)`` for inputs of one shape, replayed as a CUDA graph: the inputs are copied into static buffers
     and the outputs (a tuple of tensors or None) are cloned out of the graph's."""

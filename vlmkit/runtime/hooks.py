@@ -30,6 +30,10 @@ Per-row statistics of a method go to ``Generation.stats``: call ``ctx.report(key
 sample (name keys ``<method>_<stat>``); the engine copies them when the batch is done (so a list reported early may
 still be filled in later). They never replace the engine's own keys.
 
+Speed: an intervention that overrides a hook acting inside the language model's prefill (``attention``,
+``after_layer``, ``edit_residual``, ``edit_logits``) keeps the prefill on the eager layer walk; otherwise the runtime
+may replay it as a CUDA graph (``static_prefill.py``). ``acts_in_decode`` decides the same for decoding.
+
 Positions are never recomputed after pruning: a token that survives keeps the position id (1-D, or 3-D M-RoPE) it had
 in the unpruned sequence, and decoding continues from the unpruned sequence's next position. Dropping tokens after
 layer ``k`` removes them from the hidden states and from the KV cache of every layer after ``k``; layers ``<= k`` keep
