@@ -37,7 +37,11 @@ from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerSt
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
 from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, static_decoder
 from vlmkit.runtime.static_prefill import (
-    LLM_PREFILL_HOOKS, MAX_GRAPH_IMAGES, MAX_GRAPH_TOKENS, bucketed, static_prefill,
+    LLM_PREFILL_HOOKS,
+    MAX_GRAPH_IMAGES,
+    MAX_GRAPH_TOKENS,
+    bucketed,
+    static_prefill,
 )
 
 StreamCallback = Callable[[int, str], None]
