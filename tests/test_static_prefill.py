@@ -107,3 +107,15 @@ def test_graphed_calls_replay_fresh_inputs_and_keep_earlier_outputs():
     torch.testing.assert_close(out_second, forward(second)[0])
     calls.run("f", forward, torch.randn(5, 8, device="cuda"))  # another shape: another graph
     assert len(calls.pool.items) == 2
+
+
+def test_graphs_only_for_a_model_on_one_gpu(tiny, monkeypatch):
+    """A CUDA graph captures one device's stream: a model that device_map spread over GPUs runs eagerly."""
+    vlm = vlmkit.wrap(*tiny("llava"))
+    assert not vlm.engine.graphs_allowed  # the CPU
+    monkeypatch.setattr(type(vlm.adapter), "device", property(lambda self: torch.device("cuda", 0)))
+    assert vlm.engine.graphs_allowed
+    monkeypatch.setattr(vlm.model, "hf_device_map", {"model.vision_tower": 0, "model.language_model": 1},
+                        raising=False)
+    assert not vlm.engine.graphs_allowed
+    assert vlm.engine._vision_graphs(1) is None

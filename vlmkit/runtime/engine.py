@@ -87,6 +87,13 @@ class Engine:
         self.static_prefills = LRUPool(POOL_SIZE)
         self.vision_graphs = GraphedCalls()
 
+    @property
+    def graphs_allowed(self) -> bool:
+        """Whether CUDA graphs may replace eager work: a graph captures one device's stream, so only for a model on
+        one GPU (not one that ``device_map`` spread over several, whose layers run on other devices' streams)."""
+        spread = set(getattr(self.adapter.model, "hf_device_map", {}).values())
+        return self.adapter.device.type == "cuda" and len(spread) <= 1
+
     @functools.cached_property
     def graph_pool(self):
         """One CUDA-graph memory pool for all of this engine's decode graphs."""
@@ -314,7 +321,7 @@ class Engine:
     def _vision_graphs(self, images: int) -> GraphedCalls | None:
         """Where the adapter may replay its vision forward as a CUDA graph (``prefill`` not dynamic, CUDA, a small
         batch of images), else None."""
-        if self.prefill == "dynamic" or self.adapter.device.type != "cuda" or images > MAX_GRAPH_IMAGES:
+        if self.prefill == "dynamic" or not self.graphs_allowed or images > MAX_GRAPH_IMAGES:
             return None
         return self.vision_graphs
 
@@ -323,8 +330,7 @@ class Engine:
         if self.prefill == "dynamic" or any(i.overrides(hook) for i in self.interventions for hook in LLM_PREFILL_HOOKS):
             return False
         batch, length = state.valid.shape
-        return self.prefill == "static" or (self.adapter.device.type == "cuda"
-                                            and batch * bucketed(length) <= MAX_GRAPH_TOKENS)
+        return self.prefill == "static" or (self.graphs_allowed and batch * bucketed(length) <= MAX_GRAPH_TOKENS)
 
     # -- shared image prefixes ------------------------------------------------------------------------------------
     def _shared_images(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:
@@ -425,7 +431,7 @@ class Engine:
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
         """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
         the interventions allow it (``static_decode.py``), else the dynamic walk over ``cache``."""
-        static = self.decode == "static" or (self.decode == "auto" and self.adapter.device.type == "cuda"
+        static = self.decode == "static" or (self.decode == "auto" and self.graphs_allowed
                                              and ctx.max_new_tokens >= MIN_NEW_TOKENS)
         if static and not any(i.acts_in_decode for i in self.interventions):
             decoder = static_decoder(self, cache, next_position, ctx.max_new_tokens)

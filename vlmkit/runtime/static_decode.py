@@ -5,8 +5,8 @@ generation, rounded up to :data:`CAPACITY_BUCKET` slots so that prompts of simil
 one set of buffers. A decode step then has fixed shapes and fixed addresses: it writes the new token's key and value
 at slot ``base[l] + step`` of layer ``l`` and attends over the whole buffer, the unwritten slots masked out as
 invalid keys. On CUDA the step is captured once as a CUDA graph and replayed for every token: one graph launch
-instead of several hundred kernel launches from Python. On the CPU the same step runs eagerly; the tests compare it
-with the dynamic cache.
+instead of several hundred kernel launches from Python. On the CPU (and for a model spread over several GPUs) the
+same step runs eagerly; the tests compare it with the dynamic cache.
 
 The engine uses it only when no intervention acts during decoding (:attr:`Intervention.acts_in_decode`): pruners
 work in the prefill and keep it; decoders edit the decode steps and keep the dynamic
@@ -94,7 +94,7 @@ class StaticDecoder:
         """The next logits ``[B, V]`` after feeding ``tokens`` (``[B]``) as the ``step``-th generated token."""
         self.tokens.copy_(tokens)
         self.cache.step.fill_(step)
-        if not self.tokens.is_cuda:
+        if not self.engine.graphs_allowed:
             return self._run(ctx)
         if self.graph is None:
             # A step only writes slot base + step and then reads it, so the warm-up run repeats this very step.

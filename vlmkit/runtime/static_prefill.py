@@ -14,7 +14,8 @@ sees the dynamic prefill's layout. The matrix products see a longer sequence, so
 differently; ``benchmarks/e2e.py`` checks the greedy tokens against the eager walk (``tokens_match_dynamic``), and
 they matched for every graph configuration on both 7B shapes (docs/performance.md).
 
-On the CPU (``prefill="static"``) the same padded prefill runs eagerly; the tests compare it with the dynamic one.
+On the CPU (``prefill="static"``), and for a model spread over several GPUs, the same padded prefill runs eagerly;
+the tests compare it with the dynamic one.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class StaticPrefill:
         self.positions[..., :length].copy_(state.positions)
         self.positions[..., length:] = 0
         self.last.fill_(length - 1)
-        if not self.hidden.is_cuda:
+        if not self.engine.graphs_allowed:
             cache, logits = self._run(ctx)
         else:
             if self.graph is None:
