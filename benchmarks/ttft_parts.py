@@ -8,8 +8,8 @@
 Per configuration (dense and each ``--pruners`` at ``--keep`` tokens): ``ttft_ms`` is the engine's ``prefill_s``
 (median over ``--repeats`` calls, after warm-up calls that compile and capture); ``processor_ms`` the processor
 call; ``vision_side_ms`` ``Engine.initial_state`` (embedding, vision tower, projector, selection, packing);
-``llm_prefill_ms`` the language-model prefill of the packed sequence (graph replay or eager layer walk) and its
-logits; ``packed_length`` the tokens that enter the language model.
+``llm_prefill_ms`` the language-model prefill of the packed sequence (``Engine.prefill_state``: graph-replayed
+segments and eager layers, or the eager walk) and its logits; ``packed_length`` the tokens that enter the language model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import vlmkit
 from e2e import PROMPT, benchmark_model, environment, now, random_images
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import GenerationContext
-from vlmkit.runtime.static_prefill import static_prefill
 from vlmkit.testing import SHAPED
 
 
@@ -53,11 +52,7 @@ def parts(vlm: vlmkit.VLM, image, repeats: int) -> dict:
 
     def llm_prefill():
         state, _, _ = engine.initial_state(ctx, batch)  # the walk edits the state: a fresh one per call
-        if engine._static_prefill(state):
-            static_prefill(engine, state).run(ctx, state)
-        else:
-            state, collected, _ = engine.run_layers(ctx, state, LayeredKVCache(len(adapter.layers)), set())
-            engine._logits(ctx, state, collected)
+        engine.prefill_state(ctx, state, LayeredKVCache(len(adapter.layers)))
 
     device = adapter.device
     vision_side = timed(lambda: engine.initial_state(ctx, batch), device, repeats)

@@ -37,6 +37,9 @@ class DART(Pruner):
         if self.layer >= len(ctx.adapter.layers):
             raise ConfigError(f"dart: layer={self.layer} but the model has only {len(ctx.adapter.layers)} layers")
 
+    def prefill_layers(self, num_layers: int) -> set[int]:
+        return {self.layer - 1}
+
     def attention(self, ctx: GenerationContext, layer: int, state: LayerState) -> None:
         if ctx.step < 0 and layer == self.layer - 1:
             ctx.scratch[self.name] = state.hidden  # the layer's input, for its keys

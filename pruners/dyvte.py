@@ -166,6 +166,10 @@ class DyVTE(Pruner):
         ctx.scratch[self.name] = {"exit_layer": [None] * inputs.input_ids.shape[0]}
         ctx.report("dyvte_exit_layer", ctx.scratch[self.name]["exit_layer"])  # filled in by after_layer
 
+    def prefill_layers(self, num_layers: int) -> set[int] | None:
+        """A fixed exit layer; the gates may exit after any layer."""
+        return None if self.exit_layer is None else {self.exit_layer}
+
     def after_layer(self, ctx: GenerationContext, layer: int, state: LayerState, attention) -> torch.Tensor | None:
         if self.exit_layer is not None:
             exits = torch.full((state.valid.shape[0],), layer == self.exit_layer, device=state.valid.device)

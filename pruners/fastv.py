@@ -53,6 +53,9 @@ class FastV(Pruner):
         if self.debias is not None:
             ctx.scratch[self.name] = self.debias.for_prompt(ctx, inputs.is_visual)
 
+    def prefill_layers(self, num_layers: int) -> set[int]:
+        return {self.layer - 1}
+
     def attention(self, ctx: GenerationContext, layer: int, state: LayerState) -> AttentionRequest | None:
         if ctx.step < 0 and layer == self.layer - 1:
             return AttentionRequest(mass_queries=query_rows(state, self.query))

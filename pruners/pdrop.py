@@ -54,6 +54,9 @@ class PyramidDrop(Pruner):
             scratch["debias"] = self.debias.for_prompt(ctx, inputs.is_visual)
         ctx.scratch[self.name] = scratch
 
+    def prefill_layers(self, num_layers: int) -> set[int]:
+        return {boundary - 1 for boundary in self.boundaries(num_layers)}
+
     def attention(self, ctx: GenerationContext, layer: int, state: LayerState) -> AttentionRequest | None:
         if ctx.step < 0 and layer + 1 in ctx.scratch[self.name]["stages"]:
             rows = state.last_token if self.query == "last" else state.text_after_visual

@@ -234,6 +234,10 @@ class SmallGuidance(Pruner):
             return None
         return [Selection(keep=top_indices(s, self.budget(s.numel()))) for s in scratch["scores"]]
 
+    def prefill_layers(self, num_layers: int) -> set[int]:
+        k = self.prune_layer(num_layers)
+        return {k - 1} if k > 0 else set()
+
     def after_layer(self, ctx: GenerationContext, layer: int, state: LayerState, attention) -> torch.Tensor | None:
         k = self.prune_layer(len(ctx.adapter.layers))
         if k == 0 or layer != k - 1:

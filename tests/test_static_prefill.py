@@ -9,27 +9,29 @@ import torch
 import vlmkit
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import GraphedCalls
-from vlmkit.runtime.hooks import GenerationContext
-from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_prefill
+from vlmkit.runtime.hooks import GenerationContext, Intervention
+from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_segment
 from vlmkit.testing import FAMILIES, tiny_model, tokens_of
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padded_prefill_gives_the_walks_logits_and_cache(tiny, images, prompts, family):
+def test_padded_segment_gives_the_walks_logits_and_cache(tiny, images, prompts, family):
     vlm = vlmkit.wrap(*tiny(family))
-    engine = vlm.engine
+    engine, num_layers = vlm.engine, len(vlm.adapter.layers)
     batch = vlm.adapter.prepare(images, prompts)
     ctx = GenerationContext(adapter=vlm.adapter, prompts=prompts, images=images)
     state, _, _ = engine.initial_state(ctx, batch)
     length = state.valid.shape[1]
-    prefill = static_prefill(engine, state)
-    assert prefill.hidden.shape[1] % LENGTH_BUCKET == 0 and prefill.hidden.shape[1] > length
-    cache, logits = prefill.run(ctx, state)
-    walked_cache = LayeredKVCache(len(vlm.adapter.layers))
+    segment = static_segment(engine, state, 0, num_layers)
+    assert segment.hidden.shape[1] % LENGTH_BUCKET == 0 and segment.hidden.shape[1] > length
+    cache = LayeredKVCache(num_layers)
+    after = segment.run(ctx, state, cache)
+    walked_cache = LayeredKVCache(num_layers)
     walked, collected, _ = engine.run_layers(ctx, state, walked_cache, set())
-    torch.testing.assert_close(logits, engine._logits(ctx, walked, collected), rtol=1e-5, atol=1e-5)
-    assert cache.lengths() == walked_cache.lengths() == [length] * len(vlm.adapter.layers)
-    for layer in range(len(vlm.adapter.layers)):
+    torch.testing.assert_close(engine._logits(ctx, after, {}), engine._logits(ctx, walked, collected),
+                               rtol=1e-5, atol=1e-5)
+    assert cache.lengths() == walked_cache.lengths() == [length] * num_layers
+    for layer in range(num_layers):
         valid = walked_cache.valid[layer]
         assert torch.equal(cache.valid[layer], valid)
         for mine, theirs in ((cache.keys, walked_cache.keys), (cache.values, walked_cache.values)):
@@ -66,8 +68,55 @@ def test_prompts_of_one_bucket_share_a_static_prefill(tiny, images, prompts):
     assert tokens_of(other) == tokens_of(reference)
 
 
-@pytest.mark.parametrize("methods", [{"pruner": "fastv:keep=8"}, {"decoders": ["vcd"]}, {"decoders": ["vista:window=2"]}])
-def test_methods_inside_the_language_model_keep_the_walk(tiny, images, prompts, methods):
+def _segments(acting: set[int], num_layers: int) -> set[tuple[int, int]]:
+    """The runs of layers between the acting ones."""
+    runs, start = set(), 0
+    for layer in sorted(acting) + [num_layers]:
+        if layer > start:
+            runs.add((start, layer))
+        start = layer + 1
+    return runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pruner,acting", [("fastv:keep=8,layer=2", {1}), ("pdrop:keep=8", {0, 1, 2}),
+                                           ("dart:keep=8,layer=3", {2}), ("dyvte:exit_layer=1", {1}),
+                                           ("fastv:keep=8,layer=2,debias=exp", {1})])
+def test_in_llm_pruners_run_their_layers_eagerly_and_the_rest_in_segments(tiny, images, prompts, family, pruner,
+                                                                            acting, monkeypatch):
+    runs, acted = {}, set()
+    for prefill in ("dynamic", "static"):
+        vlm = vlmkit.wrap(*tiny(family), prefill=prefill, pruner=pruner)
+        if prefill == "dynamic":  # record the layers where the pruner's hooks return something
+            for hook in ("attention", "after_layer"):
+                def recording(ctx, layer, *args, original=getattr(vlm.pruner, hook)):
+                    if (result := original(ctx, layer, *args)) is not None:
+                        acted.add(layer)
+                    return result
+
+                monkeypatch.setattr(vlm.pruner, hook, recording)
+        runs[prefill] = vlm.generate(images, prompts, max_new_tokens=8)
+    num_layers = len(vlm.adapter.layers)
+    assert vlm.pruner.prefill_layers(num_layers) == acting
+    assert acted and acted <= acting
+    assert {key[:2] for key in vlm.engine.static_prefills.items} == _segments(acting, num_layers)
+    assert tokens_of(runs["static"]) == tokens_of(runs["dynamic"])
+    for mine, theirs in zip(runs["static"], runs["dynamic"]):
+        for key in ("visual_tokens_kept", "visual_tokens_by_layer", "kept_visual_indices"):
+            assert mine.stats[key] == theirs.stats[key]
+
+
+class _Steer(Intervention):
+    """Edits the residual stream at any layer (says nothing about which)."""
+
+    name = "steer"
+
+    def edit_residual(self, ctx, layer, state):
+        return state.hidden * 1.01
+
+
+@pytest.mark.parametrize("methods", [{"decoders": ["vcd"]}, {"decoders": ["vista:window=2"]}, {"decoders": [_Steer()]}])
+def test_methods_that_may_act_at_any_layer_keep_the_walk(tiny, images, prompts, methods):
     vlm = vlmkit.wrap(*tiny("llava"), prefill="static", **methods)
     vlm.generate(images[:1], prompts[:1], max_new_tokens=3)
     assert not vlm.engine.static_prefills.items
@@ -75,7 +124,7 @@ def test_methods_inside_the_language_model_keep_the_walk(tiny, images, prompts, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-@pytest.mark.parametrize("pruner", [None, "divprune:keep=8", "fastervlm:keep=8"])
+@pytest.mark.parametrize("pruner", [None, "divprune:keep=8", "fastervlm:keep=8", "fastv:keep=8"])
 def test_cuda_graph_prefill_gives_the_dynamic_tokens(images, prompts, family, pruner):
     if pruner == "fastervlm:keep=8" and family != "llava":
         pytest.skip("fastervlm needs a [CLS] token")
@@ -83,8 +132,8 @@ def test_cuda_graph_prefill_gives_the_dynamic_tokens(images, prompts, family, pr
     model.cuda()
     graphed = vlmkit.wrap(model, processor, pruner=pruner)  # prefill="auto": CUDA graphs on a GPU
     fast = [graphed.generate(images, prompts, max_new_tokens=16) for _ in range(2)]  # capture, then replay
-    (prefill,) = graphed.engine.static_prefills.items.values()
-    assert prefill.graph is not None
+    segments = graphed.engine.static_prefills.items.values()
+    assert len(segments) == (2 if pruner == "fastv:keep=8" else 1) and all(s.graph is not None for s in segments)
     assert len(graphed.engine.vision_graphs.pool.items) == (1 if family == "llava" else 0)  # Qwen's ViT: eager
     slow = vlmkit.wrap(model, processor, pruner=pruner, prefill="dynamic", decode="dynamic").generate(
         images, prompts, max_new_tokens=16)

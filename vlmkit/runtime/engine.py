@@ -13,8 +13,9 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
 
-When no intervention acts inside the language model's prefill, step 3 runs in fixed-shape buffers of bucketed length,
-replayed as a CUDA graph on CUDA (static_prefill.py); the vision forward of small batches replays as a CUDA graph
+When every intervention that acts inside the language model's prefill says at which layers (``prefill_layers``),
+step 3 runs those layers eagerly and the runs of layers between them in fixed-shape buffers of bucketed length,
+replayed as CUDA graphs on CUDA (static_prefill.py); the vision forward of small batches replays as a CUDA graph
 where the adapter allows it (LLaVA's CLIP tower; ``graphs.py``).
 """
 
@@ -37,11 +38,12 @@ from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerSt
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
 from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, static_decoder
 from vlmkit.runtime.static_prefill import (
-    LLM_PREFILL_HOOKS,
+    LAYER_HOOKS,
     MAX_GRAPH_IMAGES,
     MAX_GRAPH_TOKENS,
+    SEGMENT_POOL_SIZE,
     bucketed,
-    static_prefill,
+    static_segment,
 )
 
 StreamCallback = Callable[[int, str], None]
@@ -84,7 +86,7 @@ class Engine:
         self.decode, self.prefill = decode, prefill
         self.share_image_prefix = share_image_prefix
         self.static_decoders = LRUPool(POOL_SIZE)
-        self.static_prefills = LRUPool(POOL_SIZE)
+        self.static_prefills = LRUPool(SEGMENT_POOL_SIZE)
         self.vision_graphs = GraphedCalls()
 
     @property
@@ -131,8 +133,9 @@ class Engine:
         )
 
     # -- the layer walk -------------------------------------------------------------------------------------------
-    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, key_valid) -> LayerAttention:
-        requests = [r for i in self._with("attention") if (r := i.attention(ctx, layer, state)) is not None]
+    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, key_valid,
+                        attending: list[Intervention]) -> LayerAttention:
+        requests = [r for i in attending if (r := i.attention(ctx, layer, state)) is not None]
         call = LayerAttention(key_valid=key_valid, backend=self.attention_backend)
         for request in requests:
             call.key_bias = _add(call.key_bias, request.key_bias)
@@ -147,23 +150,25 @@ class Engine:
 
     def run_layers(
         self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int],
-        start: int = 0,
+        start: int = 0, stop: int | None = None, hooks: bool = True,
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
-        """Walk the decoder layers from ``start`` once. Returns the final state, the requested last-position hidden
-        states and, in the prefill, the number of visual tokens of each row that each walked layer processed."""
+        """Walk the decoder layers ``start`` to ``stop`` (default: the last) once; ``hooks=False`` calls no layer
+        hook (a static prefill segment). Returns the final state, the requested last-position hidden states and, in
+        the prefill, the number of visual tokens of each row that each walked layer processed."""
         adapter = self.adapter
         prefill = ctx.step < 0
-        pruners = self._with("after_layer") if prefill else []
-        editors = self._with("edit_residual")
+        attending = self._with("attention") if hooks else []
+        pruners = self._with("after_layer") if prefill and hooks else []
+        editors = self._with("edit_residual") if hooks else []
         rotary = adapter.rotary(state.hidden, state.positions)
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
-        for index, layer in enumerate(adapter.layers[start:], start=start):
+        for index, layer in enumerate(adapter.layers[start:stop], start=start):
             if prefill:
                 visual_counts.append(state.is_visual.sum(dim=1))
             key_valid = cache.extend_valid(index, state.valid)
             state.key_valid = key_valid
-            call = self._attention_call(ctx, index, state, key_valid)
+            call = self._attention_call(ctx, index, state, key_valid, attending)
             state.hidden = layer(
                 state.hidden,
                 attention_mask=None,
@@ -288,13 +293,8 @@ class Engine:
         if groups is not None:
             state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
             logits = self._logits(ctx, state, collected)
-        elif self._static_prefill(state):
-            cache, logits = static_prefill(self, state).run(ctx, state)
-            ctx.cache, visual_counts = cache, [state.is_visual.sum(dim=1)] * len(self.adapter.layers)
-            kept_visual = _kept_visual_indices(batch.is_visual, state)
         else:
-            state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
-            logits = self._logits(ctx, state, collected)
+            state, logits, visual_counts = self.prefill_state(ctx, state, cache)
             kept_visual = _kept_visual_indices(batch.is_visual, state)
         visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
         prefill_s = _now(device) - started
@@ -325,12 +325,54 @@ class Engine:
             return None
         return self.vision_graphs
 
-    def _static_prefill(self, state: LayerState) -> bool:
-        """Whether this prefill runs in the bucketed buffers (``static_prefill.py``)."""
-        if self.prefill == "dynamic" or any(i.overrides(hook) for i in self.interventions for hook in LLM_PREFILL_HOOKS):
-            return False
+    def prefill_state(self, ctx, state: LayerState,
+                      cache: LayeredKVCache) -> tuple[LayerState, torch.Tensor, list[torch.Tensor]]:
+        """The language-model prefill of a packed sequence: static segments where the interventions allow them
+        (``static_prefill.py``), else the dynamic walk. Returns the final state, the next logits ``[B, V]`` and the
+        visual tokens of each row that each layer processed."""
+        acting = self._static_prefill_layers(state)
+        if acting is not None:
+            state, visual_counts = self._static_walk(ctx, state, cache, acting)
+            return state, self._logits(ctx, state, {}), visual_counts
+        state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
+        return state, self._logits(ctx, state, collected), visual_counts
+
+    def _static_prefill_layers(self, state: LayerState) -> set[int] | None:
+        """The layers at which interventions act when this prefill runs in static segments (``static_prefill.py``);
+        None when it runs on the dynamic walk (the mode, an ``edit_logits`` hook, an intervention whose layer hooks
+        may act at any layer, or a prefill too large for graphs to pay)."""
+        if self.prefill == "dynamic" or self._with("edit_logits"):
+            return None
+        acting: set[int] = set()
+        for intervention in self.interventions:
+            if any(intervention.overrides(hook) for hook in LAYER_HOOKS):
+                layers = intervention.prefill_layers(len(self.adapter.layers))
+                if layers is None:
+                    return None
+                acting |= layers
         batch, length = state.valid.shape
-        return self.prefill == "static" or (self.graphs_allowed and batch * bucketed(length) <= MAX_GRAPH_TOKENS)
+        if self.prefill == "static" or (self.graphs_allowed and batch * bucketed(length) <= MAX_GRAPH_TOKENS):
+            return acting
+        return None
+
+    def _static_walk(self, ctx, state: LayerState, cache: LayeredKVCache,
+                     acting: set[int]) -> tuple[LayerState, list[torch.Tensor]]:
+        """The prefill walk with the layers at which interventions act run eagerly (hooks called) and the runs of
+        layers between them replayed as static segments. Returns the final state and the visual tokens per layer."""
+        num_layers = len(self.adapter.layers)
+        visual_counts: list[torch.Tensor] = []
+        layer = 0
+        while layer < num_layers:
+            if layer in acting:
+                state, _, counts = self.run_layers(ctx, state, cache, set(), start=layer, stop=layer + 1)
+                layer += 1
+            else:
+                stop = min((l for l in acting if l > layer), default=num_layers)
+                counts = [state.is_visual.sum(dim=1)] * (stop - layer)
+                state = static_segment(self, state, layer, stop).run(ctx, state, cache)
+                layer = stop
+            visual_counts += counts
+        return state, visual_counts
 
     # -- shared image prefixes ------------------------------------------------------------------------------------
     def _shared_images(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:

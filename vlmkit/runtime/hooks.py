@@ -30,9 +30,10 @@ Per-row statistics of a method go to ``Generation.stats``: call ``ctx.report(key
 sample (name keys ``<method>_<stat>``); the engine copies them when the batch is done (so a list reported early may
 still be filled in later). They never replace the engine's own keys.
 
-Speed: an intervention that overrides a hook acting inside the language model's prefill (``attention``,
-``after_layer``, ``edit_residual``, ``edit_logits``) keeps the prefill on the eager layer walk; otherwise the runtime
-may replay it as a CUDA graph (``static_prefill.py``). ``acts_in_decode`` decides the same for decoding.
+Speed: the runtime replays the layers at which no hook acts as CUDA graphs (``static_prefill.py``). An intervention
+that overrides a layer hook (``attention``, ``after_layer``, ``edit_residual``) says at which prefill layers it may
+act with ``prefill_layers``; returning None (the default) or overriding ``edit_logits`` keeps the whole prefill on the
+eager walk. ``acts_in_decode`` decides the same for decoding.
 
 Positions are never recomputed after pruning: a token that survives keeps the position id (1-D, or 3-D M-RoPE) it had
 in the unpruned sequence, and decoding continues from the unpruned sequence's next position. Dropping tokens after
@@ -171,6 +172,12 @@ class Intervention:
     #: whether any hook does something while decoding (``ctx.step >= 0``); when no intervention does, the runtime
     #: may replay decode steps from a static cache as a CUDA graph, where no Python hook runs
     acts_in_decode: bool = True
+
+    def prefill_layers(self, num_layers: int) -> set[int] | None:
+        """The prefill layers at which this intervention's layer hooks may act (``attention`` before the layer,
+        ``after_layer`` and ``edit_residual`` after it); at every other layer they must return None, and the runtime
+        may skip calling them there. None: any layer."""
+        return None
 
     def prepare(self, ctx: GenerationContext, inputs: Any) -> None:
         """Run extra passes before the prefill (``inputs`` is the prepared batch)."""

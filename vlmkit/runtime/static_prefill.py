@@ -1,25 +1,30 @@
-"""The language-model prefill in fixed-shape buffers, replayed as a CUDA graph.
+"""The language-model prefill in fixed-shape buffers, replayed as CUDA graphs, segment by segment.
 
-When no intervention acts inside the language model during the prefill (none overrides :data:`LLM_PREFILL_HOOKS`:
-vision-side pruners, position edits and decode-time checks are fine), the prefill is the same fixed sequence of
-kernels for every prompt of the same packed shape. Its eager walk is launch-bound: the issue's anchor is that HF
-prefills 140 and 652 tokens in about the same time. So the engine copies the packed sequence into buffers of
-``LENGTH_BUCKET``-rounded length, right-padded with invalid tokens, and on CUDA replays one captured graph per
-(batch, bucket).
+The eager prefill walk is launch-bound: the issue's anchor is that HF prefills 140 and 652 tokens in about the same
+time. A run of layers at which no intervention acts is the same fixed sequence of kernels for every sequence of the
+same packed shape, so the engine copies the packed sequence into buffers of ``LENGTH_BUCKET``-rounded length,
+right-padded with invalid tokens, and on CUDA replays one captured graph per (layers, batch, bucket): a *segment*.
+
+Which layers are free of hooks: an intervention that overrides a layer hook (:data:`LAYER_HOOKS`) says at which
+layers it may act with :meth:`~vlmkit.runtime.hooks.Intervention.prefill_layers` (FastV: layer K-1, PDrop: its stage
+boundaries, ...). The engine runs those layers eagerly, with their hooks and any pruning, and the runs between them as
+segments; with no such intervention the whole prefill is one segment. An intervention that cannot say (None), or any
+``edit_logits`` hook, keeps the whole prefill on the dynamic walk.
 
 Right padding leaves every real token's computation as it was: causal attention never lets a real query see the
-padded keys after it, and the real keys keep their offsets (the Triton kernel's key blocks are the same). The logits
-are read at the last real position, and the cache handed to decoding is cut back to the real length, so decoding
-sees the dynamic prefill's layout. The matrix products see a longer sequence, so cuBLAS could round a row
-differently; ``benchmarks/e2e.py`` checks the greedy tokens against the eager walk (``tokens_match_dynamic``), and
-they matched for every graph configuration on both 7B shapes (docs/performance.md).
+padded keys after it, and the real keys keep their offsets (the Triton kernel's key blocks are the same). A segment
+hands on the hidden states of the real tokens and writes its layers' cache cut back to the real length, so the
+following layers and decoding see the dynamic walk's layout. The matrix products see a longer sequence, so cuBLAS
+could round a row differently; ``benchmarks/e2e.py`` checks the greedy tokens against the eager walk
+(``tokens_match_dynamic``; docs/performance.md).
 
-On the CPU (``prefill="static"``), and for a model spread over several GPUs, the same padded prefill runs eagerly;
-the tests compare it with the dynamic one.
+On the CPU (``prefill="static"``), and for a model spread over several GPUs, the same padded segments run eagerly;
+the tests compare them with the dynamic walk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,27 +36,28 @@ from vlmkit.runtime.hooks import GenerationContext, LayerState
 if TYPE_CHECKING:
     from vlmkit.runtime.engine import Engine
 
-#: hooks that act inside the language model's prefill; an intervention overriding any of them keeps it eager
-LLM_PREFILL_HOOKS = ("attention", "after_layer", "edit_residual", "edit_logits")
+#: hooks that act at a layer of the language model; ``Intervention.prefill_layers`` says at which ones
+LAYER_HOOKS = ("attention", "after_layer", "edit_residual")
 LENGTH_BUCKET = 64  # the packed length is rounded up to a multiple of this (the Triton kernel's key block divides it)
 MAX_GRAPH_TOKENS = 2048  # "auto": batch x bucketed length up to this; longer prefills are compute-bound
 MAX_GRAPH_IMAGES = 4  # the vision forward replays as a graph (adapters that allow it) for batches up to this
+SEGMENT_POOL_SIZE = 6  # segments (each with its graph's own memory pool) kept per engine, least recently used dropped
 
 
 def bucketed(length: int) -> int:
     return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
-class StaticPrefill:
-    """One (batch, bucketed length) prefill: input buffers and, on CUDA, the graph and the outputs it writes."""
+class StaticSegment:
+    """Layers ``start`` to ``stop`` for one (batch, bucketed length): input buffers and, on CUDA, the graph and the
+    outputs it writes."""
 
-    def __init__(self, engine: Engine, like: LayerState, length: int):
+    def __init__(self, engine: Engine, like: LayerState, length: int, start: int, stop: int):
         batch, _, width = like.hidden.shape
-        self.engine = engine
+        self.engine, self.start, self.stop = engine, start, stop
         self.hidden = like.hidden.new_zeros(batch, length, width)
         self.valid = like.valid.new_zeros(batch, length)
         self.positions = like.positions.new_zeros(*like.positions.shape[:-1], length)
-        self.last = torch.zeros(1, dtype=torch.long, device=like.hidden.device)  # the last real position
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[LayeredKVCache, torch.Tensor] | None = None
 
@@ -60,12 +66,12 @@ class StaticPrefill:
         state = LayerState(hidden=self.hidden, valid=self.valid, is_visual=torch.zeros_like(self.valid),
                            positions=self.positions, source_index=torch.zeros_like(self.valid, dtype=torch.long))
         cache = LayeredKVCache(len(engine.adapter.layers))
-        state, _, _ = engine.run_layers(ctx, state, cache, set())
-        last = engine.adapter.final_norm(state.hidden.index_select(1, self.last))
-        return cache, engine.adapter.lm_head(last)[:, -1].float()
+        state, _, _ = engine.run_layers(ctx, state, cache, set(), start=self.start, stop=self.stop, hooks=False)
+        return cache, state.hidden
 
-    def run(self, ctx: GenerationContext, state: LayerState) -> tuple[LayeredKVCache, torch.Tensor]:
-        """Prefill the packed ``state``: its cache (cut to the real length) and the next logits ``[B, V]``."""
+    def run(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache) -> LayerState:
+        """Run the segment's layers on the packed ``state``: write their keys, values and validity (cut to the real
+        length) into ``cache`` and return the state after them."""
         length = state.valid.shape[1]
         self.hidden[:, :length].copy_(state.hidden)
         self.hidden[:, length:].zero_()
@@ -73,23 +79,23 @@ class StaticPrefill:
         self.valid[:, length:] = False
         self.positions[..., :length].copy_(state.positions)
         self.positions[..., length:] = 0
-        self.last.fill_(length - 1)
         if not self.engine.graphs_allowed:
-            cache, logits = self._run(ctx)
+            written, hidden = self._run(ctx)
         else:
             if self.graph is None:
                 self.graph, self.outputs = capture_graph(lambda: self._run(ctx))
             self.graph.replay()
-            cache, logits = self.outputs
-        real = LayeredKVCache(len(cache.keys))
-        real.keys = [key[..., :length, :] for key in cache.keys]
-        real.values = [value[..., :length, :] for value in cache.values]
-        real.valid = [valid[:, :length] for valid in cache.valid]
-        return real, logits.clone()
+            written, hidden = self.outputs
+        for layer in range(self.start, self.stop):
+            cache.keys[layer] = written.keys[layer][..., :length, :]
+            cache.values[layer] = written.values[layer][..., :length, :]
+            cache.valid[layer] = written.valid[layer][:, :length]
+        return dataclasses.replace(state, hidden=hidden[:, :length].clone(), key_valid=None)
 
 
-def static_prefill(engine: Engine, state: LayerState) -> StaticPrefill:
-    """The engine's static prefill for this batch size and bucketed length."""
+def static_segment(engine: Engine, state: LayerState, start: int, stop: int) -> StaticSegment:
+    """The engine's static segment for these layers, batch size and bucketed length."""
     length = bucketed(state.valid.shape[1])
-    key = (state.valid.shape[0], length, state.positions.dim(), state.hidden.dtype, str(state.hidden.device))
-    return engine.static_prefills.get(key, lambda: StaticPrefill(engine, state, length))
+    key = (start, stop, state.valid.shape[0], length, state.positions.dim(), state.hidden.dtype,
+           str(state.hidden.device))
+    return engine.static_prefills.get(key, lambda: StaticSegment(engine, state, length, start, stop))
