@@ -11,7 +11,8 @@ from vlmkit.runtime.hooks import Intervention
 class Pruner(Intervention):
     """A pruner keeps ``keep`` visual tokens per image (an int count, or a float fraction in (0, 1]).
 
-    Vision-side pruners override ``select_visual``; in-LLM pruners override ``attention`` and ``after_layer``.
+    Vision-side pruners override ``select_visual``; in-LLM pruners override ``attention`` and ``after_layer`` and say
+    at which layers those act (``prefill_layers``), so that the layers in between replay as CUDA graphs.
     Pruners act in the prefill only, so decoding may run as a CUDA graph (``acts_in_decode``).
     """
 
