@@ -83,9 +83,10 @@ def test_kept_tokens_are_the_small_models_top_k(pair, images, prompts, family, l
         assert generation.stats["kept_visual_indices"] == top_indices(scores, budget).tolist()
         by_layer = generation.stats["visual_tokens_by_layer"]
         assert by_layer[:layer] == [scores.numel()] * layer and by_layer[layer:] == [budget] * (4 - layer)
-    again = vlmkit.wrap(*large, pruner=SmallGuidance(small=small, keep=0.25, layer=layer)).generate(
-        images, prompts, max_new_tokens=6)
-    assert tokens_of(again) == tokens_of(outputs)
+    segmented = vlmkit.wrap(*large, pruner=SmallGuidance(small=small, keep=0.25, layer=layer), prefill="static")
+    again = segmented.generate(images, prompts, max_new_tokens=6)
+    assert tokens_of(again) == tokens_of(outputs)  # deterministic, and the same with the prefill in static segments
+    assert {key[:2] for key in segmented.engine.static_prefills.items} == ({(0, 1), (2, 4)} if layer else {(0, 4)})
 
 
 def test_early_exit_returns_the_small_answer(pair, images, prompts):
