@@ -124,10 +124,10 @@ def wrap(
     behaves like sdpa in the model's own ``forward`` and ``generate``). ``decode``: ``"auto"`` replays decode steps
     as a CUDA graph over a static KV cache on CUDA when no decoder edits them and the answer may run to 8 tokens or
     more; ``"static"`` uses the static cache on any device and for any length; ``"dynamic"`` never
-    (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as a CUDA graph
-    of bucketed length on CUDA when no method acts inside the language model and the batch holds up to 2048 bucketed
-    tokens; ``"static"`` runs the bucketed prefill on any device and size; ``"dynamic"`` never
-    (``vlmkit.runtime.static_prefill``)."""
+    (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as CUDA graphs
+    of bucketed length on CUDA, except the layers where a method acts (methods say which; decoders keep the eager
+    walk), for batches of up to 2048 bucketed tokens; ``"static"`` runs the bucketed segments on any device and size;
+    ``"dynamic"`` never (``vlmkit.runtime.static_prefill``)."""
     return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode, prefill=prefill)
 
 

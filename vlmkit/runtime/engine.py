@@ -50,9 +50,9 @@ StreamCallback = Callable[[int, str], None]
 
 # Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA for answers of MIN_NEW_TOKENS or more
 # when no intervention acts during decoding; "static" uses the static cache whenever no intervention acts during
-# decoding (eager on the CPU); "dynamic" never. Prefill: "auto" replays the bucketed prefill as a CUDA graph on CUDA
-# when no intervention acts inside the language model and batch x bucket <= MAX_GRAPH_TOKENS; "static" runs the
-# bucketed prefill whenever no intervention acts inside the language model (eager on the CPU); "dynamic" never.
+# decoding (eager on the CPU); "dynamic" never. Prefill: "auto" replays the runs of layers where no intervention acts
+# as bucketed CUDA graphs on CUDA when batch x bucket <= MAX_GRAPH_TOKENS; "static" runs those bucketed segments
+# whenever the interventions allow (eager on the CPU); "dynamic" never.
 STATIC_MODES = ("auto", "static", "dynamic")
 
 
