@@ -32,8 +32,8 @@ class Branch:
         self.ctx = GenerationContext(adapter=adapter, prompts=ctx.prompts, images=ctx.images, engine=self.engine)
         self.cache = self.ctx.cache = LayeredKVCache(len(adapter.layers))
         self.next_position = next_position
-        state, _, _ = self.engine.run_layers(self.ctx, state, self.cache, set())
-        self._logits = adapter.lm_head(adapter.final_norm(state.hidden[:, -1:]))[:, -1].float()
+        state, collected, _ = self.engine.run_layers(self.ctx, state, self.cache, set())
+        self._logits = self.engine._logits(self.ctx, state, collected)
         self.pending: torch.Tensor | None = None
         self.beams = 1
 

@@ -8,9 +8,14 @@ from typing import Generic, TypeVar
 
 import torch
 
-POOL_SIZE = 2  # static decoders, static prefills and graphed calls kept per engine, least recently used dropped first
+POOL_SIZE = 2  # static decoders and graphed vision calls kept per engine, least recently used dropped first
 
 T = TypeVar("T")
+
+
+def round_up(count: int, multiple: int) -> int:
+    """``count`` rounded up to a multiple of ``multiple``: the bucketed sizes that let shapes share one graph."""
+    return -(-count // multiple) * multiple
 
 
 def capture_graph(run: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph, T]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmkit.runtime.cache import LayeredKVCache
-from vlmkit.runtime.graphs import capture_graph
+from vlmkit.runtime.graphs import capture_graph, round_up
 from vlmkit.runtime.hooks import GenerationContext
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class StaticDecoder:
 
     def __init__(self, engine: Engine, like: LayeredKVCache, capacities: list[int], next_position: torch.Tensor):
         self.engine = engine
+        self.graphed = engine.graphs_allowed
         self.cache = StaticKVCache(like, capacities)
         self.next_position = torch.zeros_like(next_position)
         self.tokens = torch.zeros(next_position.shape[0], dtype=torch.long, device=next_position.device)
@@ -94,7 +95,7 @@ class StaticDecoder:
         """The next logits ``[B, V]`` after feeding ``tokens`` (``[B]``) as the ``step``-th generated token."""
         self.tokens.copy_(tokens)
         self.cache.step.fill_(step)
-        if not self.engine.graphs_allowed:
+        if not self.graphed:
             return self._run(ctx)
         if self.graph is None:
             # A step only writes slot base + step and then reads it, so the warm-up run repeats this very step.
@@ -107,7 +108,7 @@ def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.T
                    max_new_tokens: int) -> StaticDecoder:
     """The engine's static decoder for this batch size and cache layout (capacities rounded up to
     :data:`CAPACITY_BUCKET`), loaded with ``cache``."""
-    capacities = [-(-(length + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET for length in cache.lengths()]
+    capacities = [round_up(length + max_new_tokens, CAPACITY_BUCKET) for length in cache.lengths()]
     key = (next_position.shape[0], tuple(capacities), cache.keys[0].dtype, str(cache.keys[0].device))
     decoder = engine.static_decoders.get(key, lambda: StaticDecoder(engine, cache, capacities, next_position))
     decoder.start(cache, next_position)

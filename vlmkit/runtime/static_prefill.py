@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlmkit.runtime.cache import LayeredKVCache
-from vlmkit.runtime.graphs import capture_graph
+from vlmkit.runtime.graphs import capture_graph, round_up
 from vlmkit.runtime.hooks import GenerationContext, LayerState
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ SEGMENT_POOL_SIZE = 6  # segments (each with its graph's own memory pool) kept p
 
 
 def bucketed(length: int) -> int:
-    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+    return round_up(length, LENGTH_BUCKET)
 
 
 class StaticSegment:
@@ -55,6 +55,7 @@ class StaticSegment:
     def __init__(self, engine: Engine, like: LayerState, length: int, start: int, stop: int):
         batch, _, width = like.hidden.shape
         self.engine, self.start, self.stop = engine, start, stop
+        self.graphed = engine.graphs_allowed
         self.hidden = like.hidden.new_zeros(batch, length, width)
         self.valid = like.valid.new_zeros(batch, length)
         self.positions = like.positions.new_zeros(*like.positions.shape[:-1], length)
@@ -79,7 +80,7 @@ class StaticSegment:
         self.valid[:, length:] = False
         self.positions[..., :length].copy_(state.positions)
         self.positions[..., length:] = 0
-        if not self.engine.graphs_allowed:
+        if not self.graphed:
             written, hidden = self._run(ctx)
         else:
             if self.graph is None:
