@@ -72,3 +72,42 @@ def test_vision_attention_reaches_pruners(tiny, images, prompts):
 
     vlmkit.wrap(*tiny("llava"), pruner=Probe(keep=4)).generate(images, prompts, max_new_tokens=1)
     assert len(seen["attention"]) == 3 and all(a is not None for a in seen["attention"])
+
+
+class _CountingProcessor:
+    """A processor that records how many images each call processed."""
+
+    def __init__(self, processor):
+        self.processor, self.calls = processor, []
+
+    def __call__(self, images, **kwargs):
+        self.calls.append(len(images))
+        return self.processor(images=images, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tokenize_rows", [True, False])
+def test_repeated_images_are_processed_once(tiny, images, prompts, family, tokenize_rows, monkeypatch):
+    """Rows asking about one image object get the processor's own tensors, from one pass over the distinct images
+    (or, when the rows cannot be tokenized on their own, from the processor over every row)."""
+    adapter = vlmkit.wrap(*tiny(family)).adapter
+    rows = [images[0], images[1], images[0], images[0]]
+    questions = [prompts[0], prompts[1], prompts[2], "Is there a cat in the image? Answer yes or no."]
+    processor = adapter.processor
+    processor.tokenizer.padding_side = "left"
+    expected = processor(images=rows, text=[adapter.build_prompt(q) for q in questions], return_tensors="pt",
+                         padding=True)
+    counting = _CountingProcessor(processor)
+    monkeypatch.setattr(adapter, "processor", counting)
+    if not tokenize_rows:
+        monkeypatch.setattr(adapter, "_tokenize_rows", lambda *args: None)
+    batch = adapter.prepare(rows, questions)
+    assert counting.calls == ([2] if tokenize_rows else [2, 4])
+    assert torch.equal(batch.input_ids, expected["input_ids"])
+    assert torch.equal(batch.attention_mask, expected["attention_mask"])
+    for key, value in batch.vision_inputs.items():
+        assert torch.equal(value, expected[key]), key
+    assert batch.vision_inputs.keys() == expected.keys() - {"input_ids", "attention_mask", "mm_token_type_ids"}

@@ -66,3 +66,13 @@ def test_equal_but_distinct_images_or_interventions_do_not_share(tiny, images, m
     shared, calls = _run(tiny, "llava", batch, True, monkeypatch, pruner="fastv:keep=4")
     plain, _ = _run(tiny, "llava", batch, False, pruner="fastv:keep=4")
     assert calls == [1] and tokens_of(shared) == tokens_of(plain)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_repeated_image_objects_decode_what_equal_copies_decode(tiny, images, family):
+    """One image object asked about 3 times is processed, encoded and prefilled once; copies of it, every step."""
+    a, b = images[0], images[1]
+    repeated, _ = _run(tiny, family, [a, a, b, a, b], True)
+    copies, _ = _run(tiny, family, [image.copy() for image in (a, a, b, a, b)], True)
+    assert tokens_of(repeated) == tokens_of(copies)
+    assert [g.stats["visual_tokens_by_layer"] for g in repeated] == [g.stats["visual_tokens_by_layer"] for g in copies]

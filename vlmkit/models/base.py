@@ -96,15 +96,29 @@ class Adapter(ABC):
         """The family's prompt format, for processors without a chat template."""
 
     def prepare(self, images: list[Image.Image], prompts: list[str]) -> PreparedBatch:
-        """Run the processor on chat prompts, left-padded."""
+        """Run the processor on chat prompts, left-padded. An image object that several rows ask about (POPE asks six
+        questions per image) is processed once: the processor runs on the distinct images with their first rows'
+        prompts, and every row is tokenized with its image's placeholder count (``_tokenize_rows``)."""
         self.tokenizer.padding_side = "left"
-        encoded = self.processor(
-            images=images, text=[self.build_prompt(p) for p in prompts], return_tensors="pt", padding=True
-        )
+        texts = [self.build_prompt(p) for p in prompts]
+        distinct: dict[int, int] = {}  # id(image) -> its index among the distinct images
+        image_of_row = [distinct.setdefault(id(image), len(distinct)) for image in images]
+        leaders = [image_of_row.index(index) for index in range(len(distinct))]
+        encoded = self.processor(images=[images[row] for row in leaders], text=[texts[row] for row in leaders],
+                                 return_tensors="pt", padding=True)
+        rows = None
+        if len(leaders) < len(images):
+            rows = self._tokenize_rows(texts, image_of_row, leaders, encoded["input_ids"], encoded["attention_mask"])
+            if rows is None:  # placeholders not expanded as one repeated token: process every row's image
+                encoded = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         device = self.device
-        input_ids = encoded.pop("input_ids").to(device)
-        attention_mask = encoded.pop("attention_mask").to(device)
-        vision_inputs, extra = self.split_processor_outputs({k: v.to(device) for k, v in encoded.items()})
+        encoded = {key: value.to(device) for key, value in encoded.items()}
+        input_ids, attention_mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
+        vision_inputs, extra = self.split_processor_outputs(encoded)
+        if rows is not None:  # the distinct images' tensors repeated for their rows; no per-row extras
+            input_ids, attention_mask = rows[0].to(device), rows[1].to(device)
+            extra = {}
+            vision_inputs = self.select_vision_inputs(vision_inputs, image_of_row)
         return PreparedBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -112,6 +126,23 @@ class Adapter(ABC):
             vision_inputs=vision_inputs,
             extra=extra,
         )
+
+    def _tokenize_rows(self, texts: list[str], image_of_row: list[int], leaders: list[int], leader_ids: torch.Tensor,
+                       leader_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every row's ``input_ids`` and ``attention_mask`` (left-padded) without processing its image again: the
+        row's one image placeholder repeated as often as the processor expanded it for the image's first row. None
+        when a prompt has not exactly one placeholder or a first row does not come out as the processor made it."""
+        placeholder = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        if any(text.count(placeholder) != 1 for text in texts):
+            return None
+        counts = (leader_ids == self.image_token_id).sum(dim=1).tolist()
+        encoded = self.tokenizer([text.replace(placeholder, placeholder * counts[image])
+                                  for text, image in zip(texts, image_of_row)], return_tensors="pt", padding=True)
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        if not all(torch.equal(ids[row][mask[row].bool()], leader_ids[image][leader_mask[image].bool()])
+                   for image, row in enumerate(leaders)):
+            return None
+        return ids, mask
 
     def split_processor_outputs(self, outputs: dict[str, torch.Tensor]) -> tuple[dict, dict]:
         return outputs, {}
