@@ -14,9 +14,12 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
   N - 1 decode steps it ran. Medians over the repeats, after one warm-up run (Triton compiles).
 * ``e2e_ms``: wall time of one whole call (vlmkit: ``VLM.generate`` including image processing).
 * ``peak_gib``: peak allocated GPU memory over the configuration's runs, weights included.
-* POPE-style throughput (dense only): questions per second for one-word answers (3 new tokens) at batch 16 and 64,
-  wall time including image processing for both, with 1 and with 6 questions per image (POPE asks 6 about each
-  image; vlmkit then prefills each image's prompt prefix once and shares it, HF has no such reuse).
+* POPE-style throughput (``--throughput``, default dense only): questions per second for one-word answers (3 new
+  tokens) at batch 16 and 64, wall time including image processing for both, with 1 and with 6 questions per
+  image (POPE asks 6 about each image; vlmkit then processes each image and prefills its prompt prefix once, HF has no such reuse). vlmkit's
+  figures follow two warm-up calls (the second call of a batch layout captures its decode graph, as the second batch
+  of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per call, ``processor_ms`` the
+  rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how the timed calls decoded.
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
   ``answers_differing_from_unshared`` counts the rows that differ, and ``unshared_answers_differing_from_batch_1``
   the unshared batch's rows that differ from asking each question alone (bf16 rounding depends on the batch layout).
@@ -190,14 +193,22 @@ class Bench:
         }
 
     def vlmkit_throughput(self, vlm: vlmkit.VLM, batch: int, per_image: int) -> dict:
-        """Questions per second; with several questions per image, also whether the shared-prefix answers are the
-        unshared ones."""
+        """Questions per second and where a call's time goes; with several questions per image, also whether the
+        shared-prefix answers are the unshared ones."""
         images, questions = self.pope_batch(batch, per_image)
-        answers = vlm.generate(images, questions, max_new_tokens=3)  # warm-up
+        for _ in range(2):  # warm-up: Triton compiles; the second call of a layout captures its decode graph
+            answers = vlm.generate(images, questions, max_new_tokens=3)
+        calls = []
         started = now(self.device)
         for _ in range(self.repeats):
-            vlm.generate(images, questions, max_new_tokens=3)
-        result = {"questions_per_s": batch * self.repeats / (now(self.device) - started)}
+            call_started = now(self.device)
+            stats = vlm.generate(images, questions, max_new_tokens=3)[0].stats
+            calls.append((now(self.device) - call_started, stats["prefill_s"], stats["decode_s"]))
+        result = {"questions_per_s": batch * self.repeats / (now(self.device) - started),
+                  "decode_path": "cuda-graph" if vlm.engine.static_decoders.items else "dynamic"}
+        for index, part in enumerate(("call_ms", "prefill_ms", "decode_ms")):
+            result[part] = 1e3 * statistics.median(call[index] for call in calls)
+        result["processor_ms"] = result["call_ms"] - result["prefill_ms"] - result["decode_ms"]
         if per_image > 1:
             vlm.engine.share_image_prefix = False
             unshared = tokens_of(vlm.generate(images, questions, max_new_tokens=3))
@@ -259,12 +270,13 @@ def run(args: argparse.Namespace) -> None:
         if name == "vlmkit-dense":
             eager = make("dynamic")
             bench.record("vlmkit-dense-dynamic", lambda: bench.vlmkit(lambda mode: eager))
-            dense = make("auto")
+        if name in args.throughput:
+            vlm = make("auto")
             for batch in args.batches:
                 for per_image in args.questions_per_image:
                     bench.results["throughput"].append({
-                        "config": "vlmkit-dense", "batch": batch, "questions_per_image": per_image,
-                        **bench.vlmkit_throughput(dense, batch, per_image)})
+                        "config": name, "batch": batch, "questions_per_image": per_image,
+                        **bench.vlmkit_throughput(vlm, batch, per_image)})
                     bench.save()
 
 
@@ -307,6 +319,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--questions-per-image", type=int, nargs="+", default=[1, 6],
                         help="POPE-style throughput: questions asked about each image in a batch (POPE asks 6)")
+    parser.add_argument("--throughput", nargs="*", default=["vlmkit-dense"],
+                        help="configurations whose POPE-style throughput is measured too")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names or method names) after HF")
     parser.add_argument("--plot", nargs="+", help="JSON results files to plot (no benchmark run)")
     parser.add_argument("--png", default="docs/e2e.png")

@@ -4,10 +4,11 @@ visual token, and decode exactly what they decode without sharing."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import vlmkit
 from vlmkit.runtime.engine import Engine
-from vlmkit.testing import FAMILIES, tokens_of
+from vlmkit.testing import FAMILIES, tiny_model, tokens_of
 
 QUESTIONS = ["Is there a dog in the image?", "What color is the table?", "Describe the image.", "How many cups?",
              "Is there a cat?"]
@@ -76,3 +77,21 @@ def test_repeated_image_objects_decode_what_equal_copies_decode(tiny, images, fa
     copies, _ = _run(tiny, family, [image.copy() for image in (a, a, b, a, b)], True)
     assert tokens_of(repeated) == tokens_of(copies)
     assert [g.stats["visual_tokens_by_layer"] for g in repeated] == [g.stats["visual_tokens_by_layer"] for g in copies]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_cuda_shared_prefixes_with_graphs_give_the_eager_tokens(images, family):
+    """On a GPU the shared prefixes prefill as a graphed segment and a recurring batch of short answers decodes as a
+    graph; the tokens are those of the eager walk over the same shared layout."""
+    model, processor = tiny_model(family, dtype=torch.bfloat16)
+    model.cuda()
+    a, b = images[0], images[1]
+    batch = [a, a, b, a, b]
+    fast = vlmkit.wrap(model, processor)
+    runs = [tokens_of(fast.generate(batch, QUESTIONS, max_new_tokens=3)) for _ in range(2)]
+    (decoder,) = fast.engine.static_decoders.items.values()
+    assert decoder.graph is not None  # the second call of the layout decoded as a graph
+    assert any(segment.graph is not None for segment in fast.engine.static_prefills.items.values())
+    slow = vlmkit.wrap(model, processor, decode="dynamic", prefill="dynamic")
+    assert runs[0] == runs[1] == tokens_of(slow.generate(batch, QUESTIONS, max_new_tokens=3))

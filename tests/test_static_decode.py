@@ -8,7 +8,8 @@ import torch
 
 import vlmkit
 from vlmkit.errors import ConfigError
-from vlmkit.runtime.static_decode import CAPACITY_BUCKET
+from vlmkit.runtime.engine import Engine
+from vlmkit.runtime.static_decode import CAPACITY_BUCKET, StaticDecoder
 from vlmkit.testing import tiny_model, tokens_of
 
 
@@ -96,3 +97,26 @@ def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pru
     assert decoder.graph is not None
     slow = vlmkit.wrap(model, processor, pruner=pruner, decode="dynamic").generate(images, prompts, max_new_tokens=16)
     assert tokens_of(fast) == tokens_of(slow)
+
+
+def test_auto_graphs_short_answers_when_their_layout_recurs(tiny, images, prompts, monkeypatch):
+    """Answers under MIN_NEW_TOKENS decode dynamically the first time a layout is seen (a capture would cost more
+    than it saves) and in the static decoder when the previous call had the same layout (an evaluation's batches)."""
+    reference = tokens_of(vlmkit.wrap(*tiny("llava"), decode="dynamic").generate(images, prompts, max_new_tokens=3))
+    vlm = vlmkit.wrap(*tiny("llava"), prefill="dynamic")  # decode="auto"
+    monkeypatch.setattr(Engine, "graphs_allowed", property(lambda self: True))
+    make = StaticDecoder.__init__
+
+    def eager(decoder, *args):  # no CUDA here: the static steps run eagerly
+        make(decoder, *args)
+        decoder.graphed = False
+
+    monkeypatch.setattr(StaticDecoder, "__init__", eager)
+    decoded = []
+    for batch in ([images, prompts], [images, prompts], [images[:2], prompts[:2]], [images, prompts]):
+        tokens = tokens_of(vlm.generate(*batch, max_new_tokens=3))
+        decoded.append(len(vlm.engine.static_decoders.items))
+        assert tokens == reference[:len(tokens)]
+    assert decoded == [0, 1, 1, 1]  # the second call of a layout gets a static decoder; new layouts do not
+    vlm.generate(images, prompts, max_new_tokens=1)  # one new token: no step, no decoder
+    assert len(vlm.engine.static_decoders.items) == 1

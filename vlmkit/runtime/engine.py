@@ -36,7 +36,7 @@ from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
 from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
-from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, static_decoder
+from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, decoder_layout, static_decoder
 from vlmkit.runtime.static_prefill import (
     LAYER_HOOKS,
     MAX_GRAPH_IMAGES,
@@ -48,8 +48,8 @@ from vlmkit.runtime.static_prefill import (
 
 StreamCallback = Callable[[int, str], None]
 
-# Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA for answers of MIN_NEW_TOKENS or more
-# when no intervention acts during decoding; "static" uses the static cache whenever no intervention acts during
+# Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA when no intervention acts during decoding,
+# for answers of MIN_NEW_TOKENS or more or when the previous call had the same layout; "static" uses the static cache whenever no intervention acts during
 # decoding (eager on the CPU); "dynamic" never. Prefill: "auto" replays the runs of layers where no intervention acts
 # as bucketed CUDA graphs on CUDA when batch x bucket <= MAX_GRAPH_TOKENS; "static" runs those bucketed segments
 # whenever the interventions allow (eager on the CPU); "dynamic" never.
@@ -86,6 +86,7 @@ class Engine:
         self.decode, self.prefill = decode, prefill
         self.share_image_prefix = share_image_prefix
         self.static_decoders = LRUPool(POOL_SIZE)
+        self.last_short_layout: tuple | None = None  # the decode layout of the last call with a short answer
         self.static_prefills = LRUPool(SEGMENT_POOL_SIZE)
         self.vision_graphs = GraphedCalls()
 
@@ -327,15 +328,20 @@ class Engine:
 
     def prefill_state(self, ctx, state: LayerState,
                       cache: LayeredKVCache) -> tuple[LayerState, torch.Tensor, list[torch.Tensor]]:
-        """The language-model prefill of a packed sequence: static segments where the interventions allow them
-        (``static_prefill.py``), else the dynamic walk. Returns the final state, the next logits ``[B, V]`` and the
-        visual tokens of each row that each layer processed."""
+        """The language-model prefill of a packed sequence (``prefill_walk``). Returns the final state, the next logits
+        ``[B, V]`` and the visual tokens of each row that each layer processed."""
+        state, collected, visual_counts = self.prefill_walk(ctx, state, cache)
+        return state, self._logits(ctx, state, collected), visual_counts
+
+    def prefill_walk(self, ctx, state: LayerState,
+                     cache: LayeredKVCache) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
+        """Static segments where the interventions allow them (``static_prefill.py``), else the dynamic walk; returns
+        what :meth:`run_layers` returns."""
         acting = self._static_prefill_layers(state)
         if acting is not None:
             state, visual_counts = self._static_walk(ctx, state, cache, acting)
-            return state, self._logits(ctx, state, {}), visual_counts
-        state, collected, visual_counts = self.run_layers(ctx, state, cache, self._hidden_layers())
-        return state, self._logits(ctx, state, collected), visual_counts
+            return state, {}, visual_counts
+        return self.run_layers(ctx, state, cache, self._hidden_layers())
 
     def _static_prefill_layers(self, state: LayerState) -> set[int] | None:
         """The layers at which interventions act when this prefill runs in static segments (``static_prefill.py``);
@@ -417,10 +423,12 @@ class Engine:
         last_visual = torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True)
         rows = torch.tensor(leaders, device=index.device)
         prefix = self.compact(_select_rows(state, rows), (index <= last_visual)[rows])
-        prefix, _, visual_counts = self.run_layers(ctx, prefix, cache, set())
+        prefix, _, visual_counts = self.prefill_walk(ctx, prefix, cache)
         kept_visual = _kept_visual_indices(batch.is_visual[rows], prefix)
-        cache.reorder(groups)
-        rest, collected, _ = self.run_layers(ctx, self.compact(state, index > last_visual), cache, set())
+        rest = self.compact(state, index > last_visual)
+        # one copy of each prefix per row, with room for the rest and the answer: no step copies the cache again
+        cache.reorder(groups, room=rest.valid.shape[1] + ctx.max_new_tokens)
+        rest, collected, _ = self.run_layers(ctx, rest, cache, set())
         return (rest, collected, [counts[groups] for counts in visual_counts],
                 [kept_visual[group] for group in groups.tolist()])
 
@@ -473,13 +481,22 @@ class Engine:
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
         """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
         the interventions allow it (``static_decode.py``), else the dynamic walk over ``cache``."""
-        static = self.decode == "static" or (self.decode == "auto" and self.graphs_allowed
-                                             and ctx.max_new_tokens >= MIN_NEW_TOKENS)
-        if static and not any(i.acts_in_decode for i in self.interventions):
+        if not any(i.acts_in_decode for i in self.interventions) and self._decodes_static(ctx, cache, next_position):
             decoder = static_decoder(self, cache, next_position, ctx.max_new_tokens)
             return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
         return DecodeSteps(lambda tokens, step: self.decode_step(
             ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)
+
+    def _decodes_static(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> bool:
+        if self.decode != "auto":
+            return self.decode == "static"
+        if not self.graphs_allowed or ctx.max_new_tokens < 2:  # one new token: no decode step
+            return False
+        if ctx.max_new_tokens >= MIN_NEW_TOKENS:
+            return True
+        layout = decoder_layout(cache, next_position, ctx.max_new_tokens)
+        recurring, self.last_short_layout = layout == self.last_short_layout, layout
+        return recurring
 
 
 class _TokenDecoder:

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from vlmkit.runtime.engine import Engine
 
 CAPACITY_BUCKET = 256  # cache slots per layer are rounded up to a multiple of this
-MIN_NEW_TOKENS = 8  # "auto" decodes shorter answers dynamically: a graph capture would cost more than it saves
+# "auto" decodes shorter answers dynamically when their layout is new (a graph capture costs more than a few steps
+# save) and as a graph when the previous call had the same layout (an evaluation's batches of one-word answers)
+MIN_NEW_TOKENS = 8
 
 
 class StaticKVCache:
@@ -104,12 +106,17 @@ class StaticDecoder:
         return self.logits.clone()
 
 
+def decoder_layout(cache: LayeredKVCache, next_position: torch.Tensor, max_new_tokens: int) -> tuple:
+    """What one static decoder serves: the batch size, the per-layer capacities (rounded up to
+    :data:`CAPACITY_BUCKET`), dtype and device."""
+    capacities = tuple(round_up(length + max_new_tokens, CAPACITY_BUCKET) for length in cache.lengths())
+    return next_position.shape[0], capacities, cache.keys[0].dtype, str(cache.keys[0].device)
+
+
 def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor,
                    max_new_tokens: int) -> StaticDecoder:
-    """The engine's static decoder for this batch size and cache layout (capacities rounded up to
-    :data:`CAPACITY_BUCKET`), loaded with ``cache``."""
-    capacities = [round_up(length + max_new_tokens, CAPACITY_BUCKET) for length in cache.lengths()]
-    key = (next_position.shape[0], tuple(capacities), cache.keys[0].dtype, str(cache.keys[0].device))
-    decoder = engine.static_decoders.get(key, lambda: StaticDecoder(engine, cache, capacities, next_position))
+    """The engine's static decoder for this batch size and cache layout, loaded with ``cache``."""
+    key = decoder_layout(cache, next_position, max_new_tokens)
+    decoder = engine.static_decoders.get(key, lambda: StaticDecoder(engine, cache, list(key[1]), next_position))
     decoder.start(cache, next_position)
     return decoder
