@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from vlmkit import pruners as pruner_registry
 from vlmkit.errors import ConfigError, InputError, ModelNotSupported
 from vlmkit.images import ImageLike, load_image
 from vlmkit.kernels import interface as attention_interface
+from vlmkit.kernels import packed_vision
 from vlmkit.models import ADAPTERS, Adapter, adapter_for
 from vlmkit.runtime.engine import Engine, StreamCallback
 from vlmkit.runtime.hooks import GenerationContext, Intervention
@@ -53,6 +55,8 @@ class VLM:
         self.model, self.processor = model, processor
         attention_interface.register()
         model.set_attn_implementation({"text_config": attention_interface.IMPLEMENTATION})
+        if self.adapter.vision_attention is not None:
+            _set_vision_attention(model, self.adapter.vision_attention)
         self.pruner = pruner_registry.create_from_spec(pruner) if isinstance(pruner, str) else pruner
         self.decoders = [decoder_registry.create_from_spec(d) if isinstance(d, str) else d for d in decoders]
         self.engine = Engine(self.adapter, self.interventions, attention_backend=attn, decode=decode,
@@ -198,6 +202,23 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
     if not isinstance(resolved, torch.dtype):
         raise ConfigError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
     return resolved
+
+
+def _set_vision_attention(model: PreTrainedModel, implementation: str) -> None:
+    """Set the adapter's attention implementation on the vision tower; a transformers version that refuses or renames
+    it keeps the tower's own, with a warning."""
+    packed_vision.register()
+    vision = model.config.vision_config
+    previous = vision._attn_implementation
+    try:
+        model.set_attn_implementation({"vision_config": implementation})
+    except (ValueError, ImportError) as error:
+        warnings.warn(f"vision attention {implementation!r} not set ({error}); the vision tower keeps {previous!r}")
+        return
+    if vision._attn_implementation != implementation:
+        warnings.warn(f"transformers set the vision attention to {vision._attn_implementation!r} instead of "
+                      f"{implementation!r}; the vision tower keeps {previous!r}")
+        model.set_attn_implementation({"vision_config": previous})
 
 
 def _as_list(value) -> list:

@@ -34,6 +34,8 @@ class Adapter(ABC):
 
     family: str = ""
     model_classes: tuple[str, ...] = ()
+    #: the attention implementation vlmkit sets on the vision tower (None: the model's own)
+    vision_attention: str | None = None
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin):
         self.model = model

@@ -6,6 +6,7 @@ import inspect
 
 import torch
 
+from vlmkit.kernels.packed_vision import PACKED_VISION_IMPLEMENTATION
 from vlmkit.models.base import Adapter, PreparedBatch, unpack_features
 from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import VisualTokens
@@ -14,6 +15,7 @@ from vlmkit.runtime.hooks import VisualTokens
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    vision_attention = PACKED_VISION_IMPLEMENTATION  # one call per ViT layer instead of one per window
 
     @property
     def vision_tower(self):
