@@ -100,7 +100,7 @@ class Adapter(ABC):
     def prepare(self, images: list[Image.Image], prompts: list[str]) -> PreparedBatch:
         """Run the processor on chat prompts, left-padded. An image object that several rows ask about (POPE asks six
         questions per image) is processed once: the processor runs on the distinct images with their first rows'
-        prompts, and every row is tokenized with its image's placeholder count (``_tokenize_rows``)."""
+        prompts, and every row gets its image's placeholder count (``_tokenize_rows``)."""
         self.tokenizer.padding_side = "left"
         texts = [self.build_prompt(p) for p in prompts]
         distinct: dict[int, int] = {}  # id(image) -> its index among the distinct images
@@ -131,15 +131,19 @@ class Adapter(ABC):
 
     def _tokenize_rows(self, texts: list[str], image_of_row: list[int], leaders: list[int], leader_ids: torch.Tensor,
                        leader_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every row's ``input_ids`` and ``attention_mask`` (left-padded) without processing its image again: the
-        row's one image placeholder repeated as often as the processor expanded it for the image's first row. None
-        when a prompt has not exactly one placeholder or a first row does not come out as the processor made it."""
-        placeholder = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        if any(text.count(placeholder) != 1 for text in texts):
-            return None
-        counts = (leader_ids == self.image_token_id).sum(dim=1).tolist()
-        encoded = self.tokenizer([text.replace(placeholder, placeholder * counts[image])
-                                  for text, image in zip(texts, image_of_row)], return_tensors="pt", padding=True)
+        """Every row's ``input_ids`` and ``attention_mask`` (left-padded) without processing its image again: each
+        prompt is tokenized with its one image placeholder, which is then repeated as often as the processor expanded
+        it for the image's first row. None when a prompt has not exactly one placeholder token or a first row does not
+        come out as the processor made it (then the caller processes every row)."""
+        image_token = self.image_token_id
+        counts = (leader_ids == image_token).sum(dim=1).tolist()
+        rows = []
+        for ids, image in zip(self.tokenizer(texts)["input_ids"], image_of_row):
+            if ids.count(image_token) != 1:
+                return None
+            at = ids.index(image_token)
+            rows.append(ids[:at] + [image_token] * counts[image] + ids[at + 1:])
+        encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
         ids, mask = encoded["input_ids"], encoded["attention_mask"]
         if not all(torch.equal(ids[row][mask[row].bool()], leader_ids[image][leader_mask[image].bool()])
                    for image, row in enumerate(leaders)):

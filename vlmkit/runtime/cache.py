@@ -59,6 +59,7 @@ class LayeredKVCache:
     def reorder(self, index: torch.Tensor, room: int = 0) -> None:
         """Select (and repeat) batch rows, for beam search and shared prefixes; with ``room``, allocate that many
         spare token slots per layer behind the selected rows (spare slots a layer already had are kept)."""
+        runs = _runs(index.tolist())
         for layer, (key, value) in enumerate(zip(self.keys, self.values)):
             if key is None:
                 continue
@@ -70,9 +71,21 @@ class LayeredKVCache:
             length = key.shape[-2]
             buffers = tuple(t.new_empty(len(index), *t.shape[1:-2], length + spare, t.shape[-1]) for t in (key, value))
             for tensor, buffer in zip((key, value), buffers):
-                torch.index_select(tensor, 0, index, out=buffer[..., :length, :])
+                for start, stop, source in runs:  # a broadcast copy per run of one source row: bandwidth-bound
+                    buffer[start:stop, ..., :length, :].copy_(tensor[source:source + 1].expand(stop - start, -1, -1, -1))
             self._buffers[layer] = buffers
             self.keys[layer], self.values[layer] = (buffer[..., :length, :] for buffer in buffers)
 
     def lengths(self) -> list[int]:
         return [0 if k is None else k.shape[-2] for k in self.keys]
+
+
+def _runs(index: list[int]) -> list[tuple[int, int, int]]:
+    """``(start, stop, source)`` for each run of equal consecutive entries of ``index``."""
+    runs: list[tuple[int, int, int]] = []
+    for row, source in enumerate(index):
+        if runs and runs[-1][2] == source:
+            runs[-1] = (runs[-1][0], row + 1, source)
+        else:
+            runs.append((row, row + 1, source))
+    return runs
