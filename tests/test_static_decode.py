@@ -3,6 +3,9 @@ decodes. Parity with HF ``generate`` for both modes is in test_parity.py."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -120,3 +123,19 @@ def test_auto_graphs_short_answers_when_their_layout_recurs(tiny, images, prompt
     assert decoded == [0, 1, 1, 1]  # the second call of a layout gets a static decoder; new layouts do not
     vlm.generate(images, prompts, max_new_tokens=1)  # one new token: no step, no decoder
     assert len(vlm.engine.static_decoders.items) == 1
+
+
+def test_dropping_a_vlm_frees_its_static_buffers_at_once(tiny, images, prompts):
+    """Static decoders and prefill segments do not keep their engine alive: the buffers (a batch of 64 holds GBs)
+    go with the last reference to the VLM, without waiting for the cycle collector."""
+    vlm = vlmkit.wrap(*tiny("llava"), decode="static", prefill="static")
+    vlm.generate(images, prompts, max_new_tokens=3)
+    owned = [weakref.ref(vlm.engine), *map(weakref.ref, vlm.engine.static_decoders.items.values()),
+             *map(weakref.ref, vlm.engine.static_prefills.items.values())]
+    assert len(owned) == 3
+    gc.disable()
+    try:
+        del vlm
+        assert all(ref() is None for ref in owned)
+    finally:
+        gc.enable()

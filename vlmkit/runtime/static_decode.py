@@ -15,6 +15,7 @@ work in the prefill and keep it; decoders edit the decode steps and keep the dyn
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,7 +78,7 @@ class StaticDecoder:
     """One batch size and cache layout: the static cache, the step's input buffers and, on CUDA, the step's graph."""
 
     def __init__(self, engine: Engine, like: LayeredKVCache, capacities: list[int], next_position: torch.Tensor):
-        self.engine = engine
+        self.engine = weakref.proxy(engine)  # the engine owns this object: no reference cycle
         self.graphed = engine.graphs_allowed
         self.cache = StaticKVCache(like, capacities)
         self.next_position = torch.zeros_like(next_position)

@@ -25,6 +25,7 @@ the tests compare them with the dynamic walk.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,7 +55,8 @@ class StaticSegment:
 
     def __init__(self, engine: Engine, like: LayerState, length: int, start: int, stop: int):
         batch, _, width = like.hidden.shape
-        self.engine, self.start, self.stop = engine, start, stop
+        self.engine = weakref.proxy(engine)  # the engine owns this object: no reference cycle
+        self.start, self.stop = start, stop
         self.graphed = engine.graphs_allowed
         self.hidden = like.hidden.new_zeros(batch, length, width)
         self.valid = like.valid.new_zeros(batch, length)
