@@ -125,7 +125,8 @@ def wrap(
     prefill: str = "auto",
 ) -> VLM:
     """Attach vlmkit to an already loaded model. Its language model's attention is set to ``"vlmkit"`` (which
-    behaves like sdpa in the model's own ``forward`` and ``generate``). ``decode``: ``"auto"`` replays decode steps
+    behaves like sdpa in the model's own ``forward`` and ``generate``); a Qwen vision tower's to
+    ``"vlmkit_flash_packed"`` (sdpa's results, one packed call per layer on CUDA). ``decode``: ``"auto"`` replays decode steps
     as a CUDA graph over a static KV cache on CUDA when no decoder edits them and the answer may run to 8 tokens or
     more, or the previous call had the same batch and cache layout (an evaluation's one-word answers); ``"static"`` uses the static cache on any device and for any length; ``"dynamic"`` never
     (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as CUDA graphs
