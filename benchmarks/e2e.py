@@ -15,18 +15,19 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * ``e2e_ms``: wall time of one whole call (vlmkit: ``VLM.generate`` including image processing).
 * ``peak_gib``: peak allocated GPU memory over the configuration's runs, weights included.
 * POPE-style throughput (``--throughput``, default dense only): questions per second for one-word answers (3 new
-  tokens) at batch 16 and 64, wall time including image processing for both, with 1 and with 6 questions per
-  image (POPE asks 6 about each image; vlmkit then processes each image and prefills its prompt prefix once, HF has no such reuse). vlmkit's
-  figures follow two warm-up calls (the second call of a batch layout captures its decode graph, as the second batch
-  of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per call, ``processor_ms`` the
-  rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how the timed calls decoded.
+  tokens) at batch 16 and 64, wall time including image processing for both, with 1 and with 6 questions per image
+  (POPE asks 6 about each image; vlmkit then processes each image and prefills its prompt prefix once, HF has no
+  such reuse). vlmkit's figures follow two warm-up calls (the second call of a batch layout captures its decode
+  graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
+  call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how
+  the timed calls decoded.
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
   ``answers_differing_from_unshared`` counts the rows that differ, and ``unshared_answers_differing_from_batch_1``
   the unshared batch's rows that differ from asking each question alone (bf16 rounding depends on the batch layout).
 * ``decode_path``: ``cuda-graph`` when vlmkit replayed the decode steps as a CUDA graph over its static KV cache
   (``decode="auto"``: no decoder edits the steps), else ``dynamic``. ``prefill_path``: ``cuda-graph`` when it
-  replayed the language-model prefill as a CUDA graph of bucketed length (``prefill="auto"``: no method acts inside
-  the language model), else ``dynamic``. For graph runs, ``tokens_match_dynamic`` says whether the same greedy call
+  replayed the language-model prefill, or the runs of layers between those where a pruner acts, as CUDA graphs of
+  bucketed length (``prefill="auto"``), else ``dynamic``. For graph runs, ``tokens_match_dynamic`` says whether the same greedy call
   with ``decode="dynamic", prefill="dynamic"`` (the eager layer walk) gave the same tokens.
   ``vlmkit-dense-dynamic`` times that eager path.
 * ``sgl`` (LLaVA shape only): the small model is a random-weight TinyLlama-1.1B-shaped LLaVA with the same CLIP

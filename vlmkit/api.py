@@ -126,9 +126,10 @@ def wrap(
 ) -> VLM:
     """Attach vlmkit to an already loaded model. Its language model's attention is set to ``"vlmkit"`` (which
     behaves like sdpa in the model's own ``forward`` and ``generate``); a Qwen vision tower's to
-    ``"vlmkit_flash_packed"`` (sdpa's results, one packed call per layer on CUDA). ``decode``: ``"auto"`` replays decode steps
-    as a CUDA graph over a static KV cache on CUDA when no decoder edits them and the answer may run to 8 tokens or
-    more, or the previous call had the same batch and cache layout (an evaluation's one-word answers); ``"static"`` uses the static cache on any device and for any length; ``"dynamic"`` never
+    ``"vlmkit_flash_packed"`` (sdpa's results, one packed call per layer on CUDA). ``decode``: ``"auto"`` replays
+    decode steps as a CUDA graph over a static KV cache on CUDA when no decoder edits them and the answer may run to
+    8 tokens or more, or the previous call had the same batch and cache layout (an evaluation's one-word answers);
+    ``"static"`` uses the static cache on any device and for any length; ``"dynamic"`` never
     (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as CUDA graphs
     of bucketed length on CUDA, except the layers where a method acts (methods say which; decoders keep the eager
     walk), for batches of up to 2048 bucketed tokens; ``"static"`` runs the bucketed segments on any device and size;

@@ -59,7 +59,7 @@ class LayeredKVCache:
     def reorder(self, index: torch.Tensor, room: int = 0) -> None:
         """Select (and repeat) batch rows, for beam search and shared prefixes; with ``room``, allocate that many
         spare token slots per layer behind the selected rows (spare slots a layer already had are kept)."""
-        runs = _runs(index.tolist())
+        runs = _runs(index.tolist()) if room or any(self._buffers) else []  # rows copied into spare room
         for layer, (key, value) in enumerate(zip(self.keys, self.values)):
             if key is None:
                 continue
@@ -71,8 +71,9 @@ class LayeredKVCache:
             length = key.shape[-2]
             buffers = tuple(t.new_empty(len(index), *t.shape[1:-2], length + spare, t.shape[-1]) for t in (key, value))
             for tensor, buffer in zip((key, value), buffers):
-                for start, stop, source in runs:  # a broadcast copy per run of one source row: bandwidth-bound
-                    buffer[start:stop, ..., :length, :].copy_(tensor[source:source + 1].expand(stop - start, -1, -1, -1))
+                for start, stop, source in runs:  # one broadcast copy per run of a source row: bandwidth-bound
+                    rows = tensor[source:source + 1].expand(stop - start, *tensor.shape[1:])
+                    buffer[start:stop, ..., :length, :].copy_(rows)
             self._buffers[layer] = buffers
             self.keys[layer], self.values[layer] = (buffer[..., :length, :] for buffer in buffers)
 

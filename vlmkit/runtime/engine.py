@@ -49,10 +49,10 @@ from vlmkit.runtime.static_prefill import (
 StreamCallback = Callable[[int, str], None]
 
 # Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA when no intervention acts during decoding,
-# for answers of MIN_NEW_TOKENS or more or when the previous call had the same layout; "static" uses the static cache whenever no intervention acts during
-# decoding (eager on the CPU); "dynamic" never. Prefill: "auto" replays the runs of layers where no intervention acts
-# as bucketed CUDA graphs on CUDA when batch x bucket <= MAX_GRAPH_TOKENS; "static" runs those bucketed segments
-# whenever the interventions allow (eager on the CPU); "dynamic" never.
+# for answers of MIN_NEW_TOKENS or more or when the previous call had the same layout; "static" uses the static cache
+# whenever no intervention acts during decoding (eager on the CPU); "dynamic" never. Prefill: "auto" replays the runs
+# of layers where no intervention acts as bucketed CUDA graphs on CUDA when batch x bucket <= MAX_GRAPH_TOKENS;
+# "static" runs those bucketed segments whenever the interventions allow (eager on the CPU); "dynamic" never.
 STATIC_MODES = ("auto", "static", "dynamic")
 
 
