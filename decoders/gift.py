@@ -137,7 +137,7 @@ class Gift(Decoder):
             key_valid = cache.extend_valid(index, state.valid)
             normed = adapter.layers[index].input_layernorm(state.hidden) if index in candidates else None
             state.hidden = adapter.layers[index](
-                state.hidden, attention_mask=None, position_ids=None, past_key_values=cache, use_cache=True,
+                state.hidden, attention_mask=None, position_ids=None, **adapter.cache_argument(cache), use_cache=True,
                 position_embeddings=rotary, vlmkit_attention=LayerAttention(key_valid, backend=bare.attention_backend),
             )
             if index not in candidates:
@@ -192,7 +192,7 @@ class Gift(Decoder):
         call = LayerAttention(key_valid, mass_queries=torch.ones(len(rows), 1, device=rows.device), backend="reference")
         ctx.adapter.layers[index].self_attn(
             hidden_states=hidden, position_embeddings=ctx.adapter.rotary(hidden, positions), attention_mask=None,
-            past_key_values=copies, vlmkit_attention=call,
+            **ctx.adapter.cache_argument(copies), vlmkit_attention=call,
         )
         probs = call.stats.key_mass[:, :, :length]  # drop the row's own key (appended last)
         own = call.stats.key_mass[:, :, length:]
@@ -219,7 +219,7 @@ class Gift(Decoder):
         cache = LayeredKVCache(len(adapter.layers))
         call = LayerAttention(state.valid, mass_queries=state.last_token, backend="reference")
         module.self_attn(hidden_states=module.input_layernorm(state.hidden), position_embeddings=rotary,
-                         attention_mask=None, past_key_values=cache, vlmkit_attention=call)
+                         attention_mask=None, **adapter.cache_argument(cache), vlmkit_attention=call)
         bias = torch.stack([
             enhancement_bias(call.stats.key_mass[b], state.is_visual[b], question[b], log_weights[b])
             for b in range(state.hidden.shape[0])
@@ -228,7 +228,7 @@ class Gift(Decoder):
         cache.values[layer] = cache.values[layer][:, :, :-1]
         last = state.hidden[:, -1:]
         scratch["last_row"] = module(
-            last, attention_mask=None, position_ids=None, past_key_values=cache, use_cache=True,
+            last, attention_mask=None, position_ids=None, **adapter.cache_argument(cache), use_cache=True,
             position_embeddings=adapter.rotary(last, state.positions[..., -1:]),
             vlmkit_attention=LayerAttention(state.valid, key_bias=bias.to(last.dtype), backend="reference"),
         )

@@ -116,7 +116,7 @@ class PayAttentionToImage(Decoder):
         gain = scratch["visual"][layer].float()[:, None] * self.alpha
         call = LayerAttention(state.key_valid, key_abs_gain=gain, backend=ctx.engine.attention_backend)
         edited = adapter.layers[layer](
-            row, attention_mask=None, position_ids=None, past_key_values=cache, use_cache=True,
+            row, attention_mask=None, position_ids=None, **adapter.cache_argument(cache), use_cache=True,
             position_embeddings=adapter.rotary(row, positions), vlmkit_attention=call,
         )
         hidden = state.hidden.clone()

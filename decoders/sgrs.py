@@ -236,8 +236,9 @@ class SaliencyRejection(Decoder):
             rotary = adapter.rotary(hidden, positions)
             for layer in range(targets[0], count):
                 hidden = adapter.layers[layer](
-                    hidden, attention_mask=None, position_ids=None, past_key_values=rerun, use_cache=True,
-                    position_embeddings=rotary, vlmkit_attention=LayerAttention(cache.valid[layer], backend="reference"),
+                    hidden, attention_mask=None, position_ids=None, **adapter.cache_argument(rerun), use_cache=True,
+                    position_embeddings=rotary,
+                    vlmkit_attention=LayerAttention(cache.valid[layer], backend="reference"),
                 )
             log_probs = adapter.lm_head(adapter.final_norm(hidden))[:, -1].float().log_softmax(dim=-1)
         return log_probs, scales, context

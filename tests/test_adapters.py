@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
+
 import pytest
 import torch
 
@@ -111,3 +114,15 @@ def test_repeated_images_are_processed_once(tiny, images, prompts, family, token
     for key, value in batch.vision_inputs.items():
         assert torch.equal(value, expected[key]), key
     assert batch.vision_inputs.keys() == expected.keys() - {"input_ids", "attention_mask", "mm_token_type_ids"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_get_the_cache_under_their_own_argument_name(tiny, images, prompts, family):
+    """transformers 5.24 renamed the layers' ``past_key_values`` to ``cache`` and deprecated the old name (a removed
+    name would silently drop the cache into ``**kwargs``): vlmkit passes whichever the installed layers take."""
+    vlm = vlmkit.wrap(*tiny(family))
+    name = next(iter(vlm.adapter.cache_argument(None)))
+    assert name in inspect.signature(vlm.adapter.layers[0].forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        vlm.generate(images[:1], prompts[:1], max_new_tokens=2)

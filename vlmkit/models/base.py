@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +66,15 @@ class Adapter(ABC):
     @property
     def image_token_id(self) -> int:
         return self.config.image_token_id
+
+    @functools.cached_property
+    def _cache_keyword(self) -> str:
+        return "cache" if "cache" in inspect.signature(self.layers[0].forward).parameters else "past_key_values"
+
+    def cache_argument(self, cache) -> dict:
+        """``{name: cache}`` for a decoder layer or its attention module: transformers 5.24 renamed their
+        ``past_key_values`` argument to ``cache`` (the old name is deprecated there); earlier versions take the old."""
+        return {self._cache_keyword: cache}
 
     @property
     def device(self) -> torch.device:

@@ -174,7 +174,7 @@ class Engine:
                 state.hidden,
                 attention_mask=None,
                 position_ids=None,
-                past_key_values=cache,
+                **adapter.cache_argument(cache),
                 use_cache=True,
                 position_embeddings=rotary,
                 vlmkit_attention=call,
