@@ -26,6 +26,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from vlmkit.kernels.attention import attention as fused_attention
 from vlmkit.kernels.masks import TritonMask
+from vlmkit.kernels.packed_vision import PACKED_VISION_IMPLEMENTATION, packed_attention
 from vlmkit.kernels.reference import AttentionStats, MaskMod, ProbsMod, allowed_mask, attention_reference
 
 IMPLEMENTATION = "vlmkit"
@@ -127,6 +128,8 @@ def _hf_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torc
 
 
 def register() -> None:
-    """Register ``"vlmkit"`` with transformers (idempotent)."""
+    """Register vlmkit's attention implementations with transformers (idempotent): ``"vlmkit"`` for language models
+    and ``"vlmkit_flash_packed"`` for vision towers (``packed_vision.py``)."""
     AttentionInterface.register(IMPLEMENTATION, vlmkit_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(PACKED_VISION_IMPLEMENTATION, packed_attention)

@@ -4,7 +4,7 @@ transformers' Qwen2-VL and Qwen2.5-VL vision attention passes the packed patches
 sequence lengths (``cu_seq_lens_q``) only to an implementation whose name contains "flash"; every other one gets a
 separate call per image, and in Qwen2.5-VL's window layers per window: thousands of small calls per image, which leave
 the ViT host-bound (about 65 ms per 672 x 672 image on an H200). This implementation is registered under a name with
-"flash" in it and takes the packed call:
+"flash" in it (``interface.register``) and takes the packed call:
 
 * on CUDA in fp16/bf16, torch's variable-length attention (``torch.nn.attention.varlen.varlen_attn``, FlashAttention)
   runs every sequence in one call;
@@ -17,7 +17,6 @@ A call without sequence lengths is a plain sdpa call.
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 try:
@@ -55,7 +54,3 @@ def packed_attention(
                for q, k, v in zip(*splits)]
     return torch.cat(outputs, dim=1), None
 
-
-def register() -> None:
-    """Register ``"vlmkit_flash_packed"`` with transformers (idempotent)."""
-    AttentionInterface.register(PACKED_VISION_IMPLEMENTATION, packed_attention)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AttentionInterface
 
 import vlmkit
 from vlmkit.kernels import packed_vision
@@ -53,8 +54,7 @@ def test_qwen_vit_runs_one_packed_call_per_layer_and_matches_sdpa(tiny, images, 
         calls.append(kwargs.get("cu_seq_lens_q") is not None)
         return attend(*args, **kwargs)
 
-    monkeypatch.setitem(packed_vision.AttentionInterface._global_mapping, packed_vision.PACKED_VISION_IMPLEMENTATION,
-                        counting)
+    monkeypatch.setitem(AttentionInterface._global_mapping, packed_vision.PACKED_VISION_IMPLEMENTATION, counting)
     batch = vlm.adapter.prepare(images, prompts)
     packed = vlm.adapter.encode_images(batch)
     assert calls == [True] * len(vlm.adapter.vision_tower.blocks)

@@ -15,7 +15,6 @@ from vlmkit import pruners as pruner_registry
 from vlmkit.errors import ConfigError, InputError, ModelNotSupported
 from vlmkit.images import ImageLike, load_image
 from vlmkit.kernels import interface as attention_interface
-from vlmkit.kernels import packed_vision
 from vlmkit.models import ADAPTERS, Adapter, adapter_for
 from vlmkit.runtime.engine import Engine, StreamCallback
 from vlmkit.runtime.hooks import GenerationContext, Intervention
@@ -209,7 +208,6 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
 def _set_vision_attention(model: PreTrainedModel, implementation: str) -> None:
     """Set the adapter's attention implementation on the vision tower; a transformers version that refuses or renames
     it keeps the tower's own, with a warning."""
-    packed_vision.register()
     vision = model.config.vision_config
     previous = vision._attn_implementation
     try:

@@ -481,20 +481,21 @@ class Engine:
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
         """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
         the interventions allow it (``static_decode.py``), else the dynamic walk over ``cache``."""
-        if not any(i.acts_in_decode for i in self.interventions) and self._decodes_static(ctx, cache, next_position):
-            decoder = static_decoder(self, cache, next_position, ctx.max_new_tokens)
-            return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
+        if not any(i.acts_in_decode for i in self.interventions):
+            layout = decoder_layout(cache, next_position, ctx.max_new_tokens)
+            if self._decodes_static(ctx, layout):
+                decoder = static_decoder(self, cache, next_position, layout)
+                return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
         return DecodeSteps(lambda tokens, step: self.decode_step(
             ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)
 
-    def _decodes_static(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> bool:
+    def _decodes_static(self, ctx, layout: tuple) -> bool:
         if self.decode != "auto":
             return self.decode == "static"
         if not self.graphs_allowed or ctx.max_new_tokens < 2:  # one new token: no decode step
             return False
         if ctx.max_new_tokens >= MIN_NEW_TOKENS:
             return True
-        layout = decoder_layout(cache, next_position, ctx.max_new_tokens)
         recurring, self.last_short_layout = layout == self.last_short_layout, layout
         return recurring
 

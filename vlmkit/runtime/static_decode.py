@@ -114,10 +114,8 @@ def decoder_layout(cache: LayeredKVCache, next_position: torch.Tensor, max_new_t
     return next_position.shape[0], capacities, cache.keys[0].dtype, str(cache.keys[0].device)
 
 
-def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor,
-                   max_new_tokens: int) -> StaticDecoder:
-    """The engine's static decoder for this batch size and cache layout, loaded with ``cache``."""
-    key = decoder_layout(cache, next_position, max_new_tokens)
-    decoder = engine.static_decoders.get(key, lambda: StaticDecoder(engine, cache, list(key[1]), next_position))
+def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor, layout: tuple) -> StaticDecoder:
+    """The engine's static decoder for this ``decoder_layout``, loaded with ``cache``."""
+    decoder = engine.static_decoders.get(layout, lambda: StaticDecoder(engine, cache, list(layout[1]), next_position))
     decoder.start(cache, next_position)
     return decoder
