@@ -39,6 +39,7 @@ logit ``s`` into ``s + g·|s|``. Rows with no allowed key give output 0 and LSE 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -107,11 +108,9 @@ def attention(
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
-    kind = "cuda" if q.is_cuda else "cpu"
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    # Products: full fp32 for fp32 inputs; bf16 in the CPU interpreter upcasts (see attention_kernels._dot).
-    precision = "ieee" if q.dtype == torch.float32 else "upcast" if kind == "cpu" and q.dtype == torch.bfloat16 \
-        else "tf32"
+    kind = _kind(q)
+    block_d = _block_d(head_dim)
+    precision = _precision(q)
 
     if key_lens is not None:
         from_lens = torch.arange(k_len, device=q.device) >= (k_len - key_lens.to(q.device)).view(-1, 1)
@@ -124,55 +123,13 @@ def attention(
                          f"got {tuple(out.shape)} {out.dtype}")
     lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
 
-    # Row layout: packed GQA groups with split-KV for few queries, one head per program otherwise.
-    packed = q_len <= FEW_QUERIES
-    if packed:
-        rows = group * q_len
-        block_n = DECODE_BLOCK_N[kind]
-        block_m = min(128, max(16, 1 << (rows - 1).bit_length()))
-        config = KernelConfig(block_m, block_n, 4, 3) if kind == "cuda" else KernelConfig(block_m, block_n, 1, 1)
-        heads_axis = kv_heads
+    layout = _Layout.choose(q, k, num_splits)
+    if layout.num_splits == 1:  # the forward writes the final tensors
+        _forward(kernels, q, k, v, _Destination.final(out, lse), masks, layout, causal, qk_scale, precision)
     else:
-        rows = q_len
-        config = PREFILL_CONFIGS[(kind, q.element_size())]
-        heads_axis = q_heads
-    row_blocks = _cdiv(rows, config.block_m)
-    if num_splits is None and packed:
-        keys_per_split = DECODE_KEYS_PER_SPLIT
-    else:
-        keys_per_split = _cdiv(_cdiv(k_len, num_splits or 1), config.block_n) * config.block_n
-    num_splits = _cdiv(k_len, keys_per_split)
-
-    if num_splits == 1:  # the forward writes the final tensors
-        dst, dst_lse = out, lse
-        o_strides = (out.stride(0), out.stride(2), out.stride(1), 0, out.stride(3))
-        l_strides = (lse.stride(0), lse.stride(1), lse.stride(2), 0)
-    else:  # partial results [B, Hq, S, Lq, D] and [B, Hq, S, Lq], merged below
-        dst = torch.empty(batch, q_heads, num_splits, q_len, head_dim, device=q.device, dtype=torch.float32)
-        dst_lse = torch.empty(batch, q_heads, num_splits, q_len, device=q.device, dtype=torch.float32)
-        o_strides = (dst.stride(0), dst.stride(1), dst.stride(3), dst.stride(2), dst.stride(4))
-        l_strides = (dst_lse.stride(0), dst_lse.stride(1), dst_lse.stride(3), dst_lse.stride(2))
-
-    kernels.attention_fwd_kernel[(row_blocks, batch * heads_axis, num_splits)](
-        q, k, v, dst, dst_lse, masks.valid, masks.bias, masks.gain, masks.params,
-        *q.stride(), *k.stride(), *v.stride(), *o_strides, *l_strides,
-        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.gain_stride_b, masks.gain_stride_h,
-        masks.params_stride, q_heads, q_len, k_len, keys_per_split, qk_scale,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        PACK_GROUP=packed, CAUSAL=causal, HAS_VALID=masks.has_valid, HAS_BIAS=masks.has_bias,
-        HAS_GAIN=masks.has_gain, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn, PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if num_splits > 1:
-        kernels.combine_splits_kernel[(batch * q_heads * q_len,)](
-            dst, dst_lse, out, lse,
-            dst.stride(0), dst.stride(1), dst.stride(2), dst.stride(3),
-            dst_lse.stride(0), dst_lse.stride(1), dst_lse.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            q_heads, q_len, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(MIN_SPLIT_BLOCK, 1 << (num_splits - 1).bit_length()),
-            num_warps=4 if kind == "cuda" else 1,
-        )
+        partial = _Destination.partial(q, layout.num_splits)
+        _forward(kernels, q, k, v, partial, masks, layout, causal, qk_scale, precision)
+        partial.combine(kernels, out, lse)
 
     key_mass = None
     if mass_queries is not None:
@@ -209,6 +166,171 @@ def _key_mass(kernels, q, k, lse, masks, mass_queries, mass_keys, causal, qk_sca
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return key_mass
+
+
+def shared_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    prefix_rows: torch.Tensor,
+    *,
+    key_valid: torch.Tensor | None = None,
+    prefix_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, AttentionStats]:
+    """Few-query attention (decode) over a prefix that several batch rows share, then each row's own keys.
+
+    Row ``b`` attends to ``prefix_k[prefix_rows[b]]`` (``[G, Hkv, Lp, D]``; keys where ``prefix_valid[b]``) followed
+    by its own ``k[b]`` (causal, keys where ``key_valid[b]``): the result of :func:`attention` on the concatenation
+    ``cat(prefix_k[prefix_rows], k)`` with the validities concatenated, without building it (a batch of rows that
+    ask about few images then reads each image's keys from one place). The prefix and the own keys are splits of one
+    split-KV pass, merged in fp32 by one combine. ``Lq <= FEW_QUERIES``.
+    """
+    from vlmkit.kernels import attention_kernels as kernels
+
+    batch, q_heads, q_len, head_dim = q.shape
+    _check_inputs(q, k, v, None)
+    if prefix_k.dim() != 4 or prefix_k.shape != prefix_v.shape or prefix_k.shape[1] != k.shape[1] \
+            or prefix_k.shape[3] != k.shape[3] or prefix_k.dtype != k.dtype or prefix_v.dtype != k.dtype:
+        raise ValueError(f"prefix_k, prefix_v must be [G, {k.shape[1]}, Lp, {k.shape[3]}] {k.dtype}; got "
+                         f"{tuple(prefix_k.shape)} {prefix_k.dtype}, {tuple(prefix_v.shape)} {prefix_v.dtype}")
+    if q_len > FEW_QUERIES:
+        raise ValueError(f"shared-prefix attention takes at most {FEW_QUERIES} query rows, got {q_len}")
+    if prefix_rows.shape != (batch,):
+        raise ValueError(f"prefix_rows must be [{batch}], got {tuple(prefix_rows.shape)}")
+    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * 1.4426950408889634
+    precision = _precision(q)
+    prefix_layout = _Layout.choose(q, prefix_k)
+    own_layout = _Layout.choose(q, k)
+    partial = _Destination.partial(q, prefix_layout.num_splits + own_layout.num_splits)
+    rows = prefix_rows.to(device=q.device, dtype=torch.int64).contiguous()
+    prefix_masks = _MaskArgs.build(q, prefix_valid, None, None, None, batch, q_heads, prefix_k.shape[2])
+    _forward(kernels, q, prefix_k, prefix_v, partial.splits(0, prefix_layout.num_splits), prefix_masks,
+             prefix_layout, False, qk_scale, precision, kv_rows=rows)
+    own_masks = _MaskArgs.build(q, key_valid, None, None, None, batch, q_heads, k.shape[2])
+    _forward(kernels, q, k, v, partial.splits(prefix_layout.num_splits, None), own_masks, own_layout, True,
+             qk_scale, precision)
+    out = torch.empty(batch, q_len, q_heads, head_dim, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
+    partial.combine(kernels, out, lse)
+    return out, AttentionStats(lse=lse)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the forward kernel covers one call: the row layout (packed GQA groups with split-KV for few queries, one
+    head per program otherwise), its block shapes and the key splits."""
+
+    packed: bool
+    config: KernelConfig
+    heads_axis: int
+    row_blocks: int
+    keys_per_split: int
+    num_splits: int
+
+    @classmethod
+    def choose(cls, q: torch.Tensor, k: torch.Tensor, num_splits: int | None = None) -> _Layout:
+        q_heads, q_len, k_len = q.shape[1], q.shape[2], k.shape[2]
+        kind = _kind(q)
+        packed = q_len <= FEW_QUERIES
+        if packed:
+            group = q_heads // k.shape[1]
+            rows = group * q_len
+            block_m = min(128, max(16, 1 << (rows - 1).bit_length()))
+            block_n = DECODE_BLOCK_N[kind]
+            config = KernelConfig(block_m, block_n, 4, 3) if kind == "cuda" else KernelConfig(block_m, block_n, 1, 1)
+            heads_axis = q_heads // group
+        else:
+            rows = q_len
+            config = PREFILL_CONFIGS[(kind, q.element_size())]
+            heads_axis = q_heads
+        if num_splits is None and packed:
+            keys_per_split = DECODE_KEYS_PER_SPLIT
+        else:
+            keys_per_split = _cdiv(_cdiv(k_len, num_splits or 1), config.block_n) * config.block_n
+        return cls(packed, config, heads_axis, _cdiv(rows, config.block_m), keys_per_split,
+                   _cdiv(k_len, keys_per_split))
+
+
+@dataclass(frozen=True)
+class _Destination:
+    """Where the forward kernel writes: the final ``out [B, Lq, Hq, D]`` and ``lse [B, Hq, Lq]`` (one split), or
+    fp32 partial results ``[B, Hq, S, Lq, D]`` and ``[B, Hq, S, Lq]`` that :meth:`combine` merges. ``o_strides`` are
+    (batch, head, query row, split, dim) and ``l_strides`` (batch, head, query row, split)."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    o_strides: tuple[int, ...]
+    l_strides: tuple[int, ...]
+
+    @classmethod
+    def final(cls, out: torch.Tensor, lse: torch.Tensor) -> _Destination:
+        return cls(out, lse, (out.stride(0), out.stride(2), out.stride(1), 0, out.stride(3)),
+                   (lse.stride(0), lse.stride(1), lse.stride(2), 0))
+
+    @classmethod
+    def partial(cls, q: torch.Tensor, num_splits: int) -> _Destination:
+        batch, q_heads, q_len, head_dim = q.shape
+        out = torch.empty(batch, q_heads, num_splits, q_len, head_dim, device=q.device, dtype=torch.float32)
+        lse = torch.empty(batch, q_heads, num_splits, q_len, device=q.device, dtype=torch.float32)
+        return cls(out, lse, (out.stride(0), out.stride(1), out.stride(3), out.stride(2), out.stride(4)),
+                   (lse.stride(0), lse.stride(1), lse.stride(3), lse.stride(2)))
+
+    def splits(self, start: int, stop: int | None) -> _Destination:
+        """The partial results of splits ``start:stop`` (one call's share of a merged pass)."""
+        return dataclasses.replace(self, out=self.out[:, :, start:stop], lse=self.lse[:, :, start:stop])
+
+    def combine(self, kernels, out: torch.Tensor, lse: torch.Tensor) -> None:
+        """Merge the partial results into ``out`` and ``lse`` (``combine_splits_kernel``)."""
+        part, part_lse = self.out, self.lse
+        batch, q_heads, num_splits, q_len, head_dim = part.shape
+        kernels.combine_splits_kernel[(batch * q_heads * q_len,)](
+            part, part_lse, out, lse,
+            part.stride(0), part.stride(1), part.stride(2), part.stride(3),
+            part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            q_heads, q_len, num_splits,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
+            BLOCK_S=max(MIN_SPLIT_BLOCK, 1 << (num_splits - 1).bit_length()),
+            num_warps=4 if part.is_cuda else 1,
+        )
+
+
+def _forward(kernels, q, k, v, dst: _Destination, masks: _MaskArgs, layout: _Layout, causal: bool, qk_scale: float,
+             precision: str, kv_rows: torch.Tensor | None = None) -> None:
+    """Launch ``attention_fwd_kernel`` over ``layout``'s grid; ``kv_rows [B]``: batch row ``b`` reads K/V row
+    ``kv_rows[b]``."""
+    batch, q_heads, q_len, head_dim = q.shape
+    config = layout.config
+    kernels.attention_fwd_kernel[(layout.row_blocks, batch * layout.heads_axis, layout.num_splits)](
+        q, k, v, dst.out, dst.lse, masks.valid, masks.bias, masks.gain, masks.params,
+        q if kv_rows is None else kv_rows,
+        *q.stride(), *k.stride(), *v.stride(), *dst.o_strides, *dst.l_strides,
+        masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.gain_stride_b, masks.gain_stride_h,
+        masks.params_stride, q_heads, q_len, k.shape[2], layout.keys_per_split, qk_scale,
+        GROUP=q_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, PACK_GROUP=layout.packed, CAUSAL=causal, HAS_VALID=masks.has_valid,
+        HAS_BIAS=masks.has_bias, HAS_GAIN=masks.has_gain, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn,
+        PRECISION=precision, HAS_KV_ROWS=kv_rows is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _kind(q: torch.Tensor) -> str:
+    return "cuda" if q.is_cuda else "cpu"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _precision(q: torch.Tensor) -> str:
+    """Products: full fp32 for fp32 inputs; bf16 in the CPU interpreter upcasts (see attention_kernels._dot)."""
+    if q.dtype == torch.float32:
+        return "ieee"
+    return "upcast" if not q.is_cuda and q.dtype == torch.bfloat16 else "tf32"
 
 
 @dataclass

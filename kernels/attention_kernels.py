@@ -91,7 +91,7 @@ def _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, g
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, KeyValid, KeyBias, KeyGain, MaskParams,
+    Q, K, V, Out, Lse, KeyValid, KeyBias, KeyGain, MaskParams, KvRows,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -102,14 +102,15 @@ def attention_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK_GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_FN: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_FN: tl.constexpr, PRECISION: tl.constexpr, HAS_KV_ROWS: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` query rows of one batch row against the keys of one split.
 
     Grid ``(row blocks, B * heads, splits)``. Without ``PACK_GROUP`` the rows are consecutive queries of one query
     head; with it, row ``r`` is query ``r % q_len`` of head ``r // q_len`` of the GQA group that shares one KV head,
     so K/V are read once per group (decode). ``Out``/``Lse`` strides include a split stride: with one split they are
-    the final tensors, with several they are partial results merged by ``combine_splits_kernel``.
+    the final tensors, with several they are partial results merged by ``combine_splits_kernel``. With
+    ``HAS_KV_ROWS``, batch row ``b`` reads the K/V of batch row ``KvRows[b]`` (a prefix that several rows share).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -152,9 +153,13 @@ def attention_fwd_kernel(
 
     q = _load(Q + b * stride_qb + head * stride_qh + q_row[:, None] * stride_qm + offs_d[None, :] * stride_qd,
               row_ok[:, None] & d_ok[None, :], True)
-    k_ptrs = K + b * stride_kb + kv_head * stride_kh + tl.arange(0, BLOCK_N)[None, :] * stride_kn \
+    if HAS_KV_ROWS:
+        kv_b = tl.load(KvRows + b)
+    else:
+        kv_b = b
+    k_ptrs = K + kv_b * stride_kb + kv_head * stride_kh + tl.arange(0, BLOCK_N)[None, :] * stride_kn \
         + offs_d[:, None] * stride_kd
-    v_ptrs = V + b * stride_vb + kv_head * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vn \
+    v_ptrs = V + kv_b * stride_vb + kv_head * stride_vh + tl.arange(0, BLOCK_N)[:, None] * stride_vn \
         + offs_d[None, :] * stride_vd
     bias_ptrs = KeyBias + b * stride_bias_b + head * stride_bias_h
     gain_ptrs = KeyGain + b * stride_gain_b + head * stride_gain_h
@@ -306,3 +311,12 @@ def ring_table_mask(b, h, q_idx, kv_idx, params):
     q_ring = tl.load(params + 1 + q_idx, mask=(q_idx >= 0) & (q_idx < length), other=-1)
     k_ring = tl.load(params + 1 + kv_idx, mask=(kv_idx >= 0) & (kv_idx < length), other=-1)
     return tl.where((q_ring >= 0) & (k_ring >= 0), k_ring <= q_ring, kv_idx <= q_idx)
+
+
+@triton.jit
+def segment_mask(b, h, q_idx, kv_idx, params):
+    """Shared-prefix segments (see ``masks.segment_mask``): ``params`` = (Lk, segment of each key)."""
+    length = tl.load(params)
+    q_segment = tl.load(params + 1 + q_idx, mask=(q_idx >= 0) & (q_idx < length), other=-1)
+    k_segment = tl.load(params + 1 + kv_idx, mask=(kv_idx >= 0) & (kv_idx < length), other=-1)
+    return (k_segment == 0) | (k_segment == q_segment)

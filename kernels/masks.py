@@ -92,10 +92,29 @@ def ring_table_mask(rings: torch.Tensor) -> TritonMask:
 
 
 def _ring_table_torch(b, h, q_idx, kv_idx, params):
-    table = params[..., 1:]  # b.shape + (Lk,)
-
-    def ring(idx):
-        return torch.take_along_dim(table, idx.unsqueeze(-1).long(), dim=-1).squeeze(-1)
-
-    q_ring, k_ring = ring(q_idx), ring(kv_idx)
+    q_ring, k_ring = _per_key_lookup(params, q_idx), _per_key_lookup(params, kv_idx)
     return torch.where((q_ring >= 0) & (k_ring >= 0), k_ring <= q_ring, kv_idx <= q_idx)
+
+
+def segment_mask(segments: torch.Tensor) -> TritonMask:
+    """Several prompts that share a prefix, packed as one sequence: ``[prefix, rest 1, rest 2, ...]``.
+
+    ``segments [B, Lk]`` gives each key's segment: 0 for the shared prefix, a positive id for each rest. A query sees
+    the prefix and its own segment (causality is the caller's: call the attention with ``causal=True``), so every
+    rest's hidden states are those of ``prefix + rest`` as a prompt of its own. The table must cover all ``Lk`` keys
+    of the call.
+    """
+    segments = segments.to(torch.int32)
+    length = torch.full((segments.shape[0], 1), segments.shape[1], dtype=torch.int32, device=segments.device)
+    params = torch.cat([length, segments], dim=1).contiguous()  # (Lk, segment of key 0, segment of key 1, ...)
+    return TritonMask(_segment_torch, "vlmkit.kernels.attention_kernels:segment_mask", params)
+
+
+def _segment_torch(b, h, q_idx, kv_idx, params):
+    key_segment = _per_key_lookup(params, kv_idx)
+    return (key_segment == 0) | (key_segment == _per_key_lookup(params, q_idx))
+
+
+def _per_key_lookup(params: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The table entry (``params[..., 1:]``, one per key) of each key index in ``idx``."""
+    return torch.take_along_dim(params[..., 1:], idx.unsqueeze(-1).long(), dim=-1).squeeze(-1)

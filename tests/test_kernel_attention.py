@@ -38,7 +38,8 @@ def test_in_the_interpreter():
 
 
 from vlmkit.kernels import attention, attention_reference  # noqa: E402
-from vlmkit.kernels.masks import concentric_causal_mask, ring_table_mask  # noqa: E402
+from vlmkit.kernels.attention import shared_prefix_attention  # noqa: E402
+from vlmkit.kernels.masks import concentric_causal_mask, ring_table_mask, segment_mask  # noqa: E402
 from vlmkit.kernels.reference import allowed_mask  # noqa: E402
 
 # (elementwise atol/rtol on the output, bound on ‖out - ref‖ / ‖ref‖)
@@ -313,6 +314,53 @@ def test_ring_table_mask_in_the_kernel():
 def test_concentric_mask_row_without_image():
     (q, k, v), _ = _inputs(52, 2, 2, 2, 40, 40, 64, torch.float16)
     _check(q, k, v, causal=False, mask_mod=concentric_causal_mask(torch.tensor([2, 0]), torch.tensor([4, 0])))
+
+
+def test_segment_mask_matches_its_definition():
+    segments = torch.tensor([[0, 0, 0, 3, 3, 5, 5, 5]])
+    allowed = allowed_mask(1, 1, 8, 8, causal=True, key_valid=None, mask_mod=segment_mask(segments),
+                           device=torch.device("cpu"))[0, 0]
+    for q_idx in range(8):
+        for kv_idx in range(8):
+            visible = kv_idx <= q_idx and (segments[0, kv_idx] == 0 or segments[0, kv_idx] == segments[0, q_idx])
+            assert bool(allowed[q_idx, kv_idx]) == bool(visible)
+
+
+@kernel_case
+def test_segment_mask_in_the_kernel():
+    """Two packed groups: a prefix then three rests (row 0), a shorter prefix then two rests, left-padded (row 1)."""
+    (q, k, v), _ = _inputs(54, 2, 4, 2, 50, 50, 64, torch.bfloat16)
+    segments = torch.tensor([[0] * 20 + [1] * 10 + [2] * 12 + [3] * 8, [0] * 9 + [0] * 21 + [4] * 9 + [7] * 11])
+    key_valid = torch.ones(2, 50, dtype=torch.bool)
+    key_valid[1, :9] = False
+    _check(q, k, v, causal=True, mask_mod=segment_mask(segments.to(DEVICE)), key_valid=key_valid.to(DEVICE))
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype,q_len,own_len", [(torch.bfloat16, 1, 3), (torch.float32, 2, 5),
+                                                 (torch.float16, 1, 300)])
+def test_shared_prefix_attention_is_attention_over_the_concatenation(dtype, q_len, own_len):
+    """Five rows over three prefixes (row 4 reads prefix 0 again), each prefix masked per row, against the float64
+    reference on the materialised ``cat(prefix[rows], own)``; a long own part takes several splits."""
+    gen = torch.Generator().manual_seed(55)
+    q = torch.randn(5, 4, q_len, 64, generator=gen)
+    k, v = (torch.randn(5, 2, own_len, 64, generator=gen) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(3, 2, 290, 64, generator=gen) for _ in range(2))
+    q, k, v, prefix_k, prefix_v = (t.to(DEVICE, dtype) for t in (q, k, v, prefix_k, prefix_v))
+    rows = torch.tensor([0, 2, 1, 2, 0], device=DEVICE)
+    prefix_valid = torch.rand(5, 290, generator=gen).to(DEVICE) > 0.3
+    key_valid = torch.ones(5, own_len, dtype=torch.bool, device=DEVICE)
+    key_valid[3, :1] = False
+    got, stats = shared_prefix_attention(q, k, v, prefix_k, prefix_v, rows, key_valid=key_valid,
+                                         prefix_valid=prefix_valid)
+    ref, ref_stats = attention_reference(
+        q, torch.cat([prefix_k[rows], k], dim=2), torch.cat([prefix_v[rows], v], dim=2), causal=True,
+        key_valid=torch.cat([prefix_valid, key_valid], dim=1), compute_dtype=torch.float64,
+    )
+    atol, rel_bound = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=atol)
+    assert (got.double() - ref.double()).norm() / ref.double().norm() < rel_bound
+    torch.testing.assert_close(stats.lse, ref_stats.lse, atol=2e-4, rtol=1e-5)
 
 
 def test_rejects_a_plain_callable_mask():
