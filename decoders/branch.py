@@ -33,7 +33,7 @@ class Branch:
         self.cache = self.ctx.cache = LayeredKVCache(len(adapter.layers))
         self.next_position = next_position
         state, collected, _ = self.engine.run_layers(self.ctx, state, self.cache, set())
-        self._logits = self.engine._logits(self.ctx, state, collected)
+        self._logits = self.engine._logits(self.ctx, state.hidden[:, -1], collected)
         self.pending: torch.Tensor | None = None
         self.beams = 1
 

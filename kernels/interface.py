@@ -13,10 +13,15 @@ of the dynamic one. On the CPU, or for a ``mask_mod`` that is a plain callable r
 :class:`~vlmkit.kernels.masks.TritonMask`, statistics, masks and gains use the torch reference and plain calls use
 sdpa. A call with a ``probs_mod`` (an edit of the probabilities) always runs on the torch reference. A mask that
 ``includes_causal`` (CCA's) replaces the causal mask instead of narrowing it.
+
+A call may carry a :class:`SharedPrefix`: keys that several rows share and read before their own (rows that ask
+about the same image, ``vlmkit.runtime.cache``). Decode steps on CUDA read them in place
+(:func:`~vlmkit.kernels.attention.shared_prefix_attention`); other calls join them to the row's own keys first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,12 +29,30 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from vlmkit.kernels.attention import FEW_QUERIES, shared_prefix_attention
 from vlmkit.kernels.attention import attention as fused_attention
 from vlmkit.kernels.masks import TritonMask
 from vlmkit.kernels.packed_vision import PACKED_VISION_IMPLEMENTATION, packed_attention
 from vlmkit.kernels.reference import AttentionStats, MaskMod, ProbsMod, allowed_mask, attention_reference
 
 IMPLEMENTATION = "vlmkit"
+
+
+@dataclass
+class SharedPrefix:
+    """One layer's keys of prefixes that several batch rows share (image-prefix reuse): row ``b`` attends to
+    ``keys[rows[b]]`` where ``valid[b]``, then to its own keys (the layer call's ``key``/``value``)."""
+
+    keys: torch.Tensor  # [G, Hkv, Lp, D]
+    values: torch.Tensor  # [G, Hkv, Lp, D]
+    rows: torch.Tensor  # [B] long: each batch row's prefix
+    valid: torch.Tensor  # [B, Lp] bool: the prefix keys each row sees
+
+    def joined(self, key: torch.Tensor, value: torch.Tensor,
+               key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's prefix and own keys, values and validity as one sequence (the reference path)."""
+        return (torch.cat([self.keys[self.rows], key], dim=2), torch.cat([self.values[self.rows], value], dim=2),
+                torch.cat([self.valid, key_valid.to(self.valid.device)], dim=1))
 
 
 @dataclass
@@ -43,11 +66,18 @@ class LayerAttention:
     probs_mod: ProbsMod | None = None  # edits the probabilities [B, Hq, Lq, Lk]: torch reference path only
     mass_queries: torch.Tensor | tuple[int, int] | None = None  # rows whose softmax mass is summed per key
     backend: str = "auto"  # "auto": fastest available path; "reference": always the torch reference
+    prefix: SharedPrefix | None = None  # keys before the call's own, shared with other rows (plain attention only)
     stats: AttentionStats | None = field(default=None, repr=False)
 
     @property
     def needs_statistics(self) -> bool:
         return self.mass_queries is not None
+
+    @property
+    def is_plain(self) -> bool:
+        """Only key validity: no bias, gain, mask, probability edit or statistics."""
+        return self.key_bias is None and self.key_abs_gain is None and self.mask_mod is None \
+            and self.probs_mod is None and self.mass_queries is None
 
     def to(self, device: torch.device) -> None:
         self.key_valid = self.key_valid.to(device)
@@ -57,6 +87,9 @@ class LayerAttention:
             self.key_abs_gain = self.key_abs_gain.to(device)
         if isinstance(self.mass_queries, torch.Tensor):
             self.mass_queries = self.mass_queries.to(device)
+        if self.prefix is not None:
+            self.prefix = dataclasses.replace(self.prefix, rows=self.prefix.rows.to(device),
+                                              valid=self.prefix.valid.to(device))
 
 
 def vlmkit_attention(
@@ -75,6 +108,8 @@ def vlmkit_attention(
     if call is None:
         return _sdpa(query, key, value, _hf_mask(attention_mask, query, key), scaling), None
     call.to(query.device)  # layers spread over GPUs (device_map="auto") each get their own copy of the request
+    if call.prefix is not None:
+        return _with_prefix(call, query, key, value, scaling), None
     causal = not getattr(call.mask_mod, "includes_causal", False)
     if call.backend == "auto" and call.probs_mod is None and _triton_can_run(query, call.mask_mod):
         out, call.stats = fused_attention(
@@ -100,6 +135,23 @@ def vlmkit_attention(
         bias = call.key_bias.to(query.dtype).unsqueeze(-2)
         mask = torch.where(allowed, bias, torch.finfo(query.dtype).min)
     return _sdpa(query, key, value, mask, scaling), None
+
+
+def _with_prefix(call: LayerAttention, query, key, value, scaling) -> torch.Tensor:
+    """Attention over a shared prefix and the call's own keys: the shared-prefix kernel for a few queries on CUDA,
+    else the joined sequence through this function's other paths."""
+    prefix = call.prefix
+    if not call.is_plain:
+        raise ValueError("attention over a shared prefix takes key validity only (no bias, gain, mask or statistics)")
+    if call.backend == "auto" and query.shape[2] <= FEW_QUERIES and _triton_can_run(query, None):
+        out, call.stats = shared_prefix_attention(query, key, value, prefix.keys, prefix.values, prefix.rows,
+                                                  key_valid=call.key_valid, prefix_valid=prefix.valid, scale=scaling)
+        return out
+    key, value, key_valid = prefix.joined(key, value, call.key_valid)
+    joined = dataclasses.replace(call, key_valid=key_valid, prefix=None)
+    out, _ = vlmkit_attention(None, query, key, value, None, scaling, vlmkit_attention=joined)
+    call.stats = joined.stats
+    return out
 
 
 def _triton_can_run(query: torch.Tensor, mask_mod: MaskMod | None) -> bool:

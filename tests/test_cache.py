@@ -1,4 +1,5 @@
-"""The layered KV cache: rows selected with spare room are filled in place and hold what concatenation holds."""
+"""The layered KV cache: shared prefixes are handed to each layer's attention call and follow beam reordering
+without copies."""
 
 from __future__ import annotations
 
@@ -7,37 +8,45 @@ import torch
 from vlmkit.runtime.cache import LayeredKVCache
 
 
-def _filled(prompt: torch.Tensor, room: int) -> LayeredKVCache:
-    """Two layers holding ``prompt`` (2 rows of 5 tokens), then rows 1, 0, 1 selected with ``room`` spare slots."""
+def _shared(sequences: torch.Tensor) -> LayeredKVCache:
+    """Two layers holding ``sequences`` (2 packed sequences of 5 tokens), shared by rows 1, 0, 1."""
     cache = LayeredKVCache(2)
     for layer in range(2):
         cache.extend_valid(layer, torch.ones(2, 5, dtype=torch.bool))
-        cache.update(prompt, -prompt, layer)
-    cache.reorder(torch.tensor([1, 0, 1]), room=room)
+        cache.update(sequences, -sequences, layer)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 1]], dtype=torch.bool)
+    cache.share_prefix(torch.tensor([1, 0, 1]), valid)
     return cache
 
 
-def test_room_is_filled_in_place_with_what_concatenation_gives():
-    prompt = torch.randn(2, 3, 5, 4)
-    roomy, plain = _filled(prompt, room=4), _filled(prompt, room=0)
-    start = roomy.keys[0].data_ptr()
-    for step in range(6):  # 4 slots of room, then 2 more: concatenation again
-        new = torch.randn(3, 3, 1, 4)
-        for cache in (roomy, plain):
-            key, value = cache.update(new, -new, 0)
-            assert key.shape[-2] == 5 + step + 1
-        assert torch.equal(roomy.keys[0], plain.keys[0]) and torch.equal(roomy.values[0], plain.values[0])
-        assert (roomy.keys[0].data_ptr() == start) == (step < 4)
-    assert torch.equal(roomy.keys[0][:, :, :5], prompt[[1, 0, 1]])
+def test_shared_prefixes_are_not_copied_and_rows_store_only_their_own_tokens():
+    sequences = torch.randn(2, 3, 5, 4)
+    cache = _shared(sequences)
+    assert cache.lengths() == [0, 0]
+    for layer in range(2):
+        prefix = cache.shared_prefix(layer)
+        assert prefix.keys is sequences and torch.equal(prefix.values, -sequences)
+        assert prefix.rows.tolist() == [1, 0, 1]
+    new = torch.randn(3, 3, 1, 4)
+    assert cache.extend_valid(0, torch.ones(3, 1, dtype=torch.bool)).shape == (3, 1)
+    key, value = cache.update(new, -new, 0)
+    assert key is new and cache.lengths() == [1, 0]
 
 
-def test_replaced_tensors_get_concatenation_and_reorder_keeps_room():
-    prompt = torch.randn(2, 3, 5, 4)
-    cache = _filled(prompt, room=3)
-    cache.keys[1], cache.values[1] = cache.keys[1].clone(), cache.values[1].clone()  # a method swapped them
-    key, _ = cache.update(torch.zeros(3, 3, 1, 4), torch.zeros(3, 3, 1, 4), 1)
-    assert key.shape[-2] == 6 and torch.equal(key[:, :, :5], prompt[[1, 0, 1]])
-    cache.reorder(torch.tensor([2, 1]))  # beam search: layer 0 keeps its spare slots
-    start = cache.keys[0].data_ptr()
-    cache.update(torch.ones(2, 3, 1, 4), torch.ones(2, 3, 1, 4), 0)
-    assert cache.keys[0].data_ptr() == start and cache.lengths() == [6, 6]
+def test_reorder_moves_row_indices_and_own_tokens():
+    cache = _shared(torch.randn(2, 3, 5, 4))
+    new = torch.randn(3, 3, 1, 4)
+    cache.extend_valid(0, torch.tensor([[True], [False], [True]]))
+    cache.update(new, -new, 0)
+    cache.reorder(torch.tensor([2, 2, 1]))
+    assert torch.equal(cache.keys[0], new[[2, 2, 1]]) and cache.valid[0][:, 0].tolist() == [True, True, False]
+    for layer in range(2):
+        prefix = cache.shared_prefix(layer)
+        assert prefix.rows.tolist() == [1, 1, 0]
+        assert prefix.valid.tolist() == [[True, True, True, False, True]] * 2 + [[True, True, True, True, False]]
+
+
+def test_an_unshared_cache_has_no_prefix():
+    cache = LayeredKVCache(1)
+    cache.update(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), 0)
+    assert cache.shared_prefix(0) is None and cache.lengths() == [2]

@@ -8,7 +8,8 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 3. prefill: walk the decoder layers; before each, gather attention requests [attention]; after each, edit the
    residual [edit_residual] and let the pruner drop tokens [after_layer]. Rows that ask about the same image object
    encode it once and, when the packed prefix up to its last visual token is identical and no intervention acts
-   beyond select_visual, prefill that prefix once and share it (``_prefill_shared``);
+   beyond select_visual, prefill that prefix once, packed with every row's rest of the prompt, and decode over it
+   without copies (``_prefill_shared``);
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
@@ -27,10 +28,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vlmkit.errors import ConfigError, InputError
 from vlmkit.kernels.interface import LayerAttention
+from vlmkit.kernels.masks import TritonMask, segment_mask
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
@@ -134,10 +137,11 @@ class Engine:
         )
 
     # -- the layer walk -------------------------------------------------------------------------------------------
-    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, key_valid,
-                        attending: list[Intervention]) -> LayerAttention:
+    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, cache, attending: list[Intervention],
+                        mask_mod: TritonMask | None) -> LayerAttention:
         requests = [r for i in attending if (r := i.attention(ctx, layer, state)) is not None]
-        call = LayerAttention(key_valid=key_valid, backend=self.attention_backend)
+        call = LayerAttention(key_valid=state.key_valid, backend=self.attention_backend, mask_mod=mask_mod,
+                              prefix=cache.shared_prefix(layer))
         for request in requests:
             call.key_bias = _add(call.key_bias, request.key_bias)
             call.key_abs_gain = _add(call.key_abs_gain, request.key_abs_gain)
@@ -151,11 +155,12 @@ class Engine:
 
     def run_layers(
         self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int],
-        start: int = 0, stop: int | None = None, hooks: bool = True,
+        start: int = 0, stop: int | None = None, hooks: bool = True, mask_mod: TritonMask | None = None,
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
         """Walk the decoder layers ``start`` to ``stop`` (default: the last) once; ``hooks=False`` calls no layer
-        hook (a static prefill segment). Returns the final state, the requested last-position hidden states and, in
-        the prefill, the number of visual tokens of each row that each walked layer processed."""
+        hook (a static prefill segment); ``mask_mod`` narrows every layer's attention. Returns the final state, the
+        requested last-position hidden states and, in the prefill, the number of visual tokens of each row that each
+        walked layer processed."""
         adapter = self.adapter
         prefill = ctx.step < 0
         attending = self._with("attention") if hooks else []
@@ -167,9 +172,8 @@ class Engine:
         for index, layer in enumerate(adapter.layers[start:stop], start=start):
             if prefill:
                 visual_counts.append(state.is_visual.sum(dim=1))
-            key_valid = cache.extend_valid(index, state.valid)
-            state.key_valid = key_valid
-            call = self._attention_call(ctx, index, state, key_valid, attending)
+            state.key_valid = cache.extend_valid(index, state.valid)
+            call = self._attention_call(ctx, index, state, cache, attending, mask_mod)
             state.hidden = layer(
                 state.hidden,
                 attention_mask=None,
@@ -195,9 +199,9 @@ class Engine:
         num_layers = len(self.adapter.layers)
         return {l % num_layers for i in self._with("edit_logits") for l in i.logit_hidden_layers}
 
-    def _logits(self, ctx, state: LayerState, collected: dict[int, torch.Tensor]) -> torch.Tensor:
-        hidden = self.adapter.final_norm(state.hidden[:, -1:])
-        logits = self.adapter.lm_head(hidden)[:, -1].float()
+    def _logits(self, ctx, last_hidden: torch.Tensor, collected: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The next logits ``[B, V]`` from each row's last hidden state ``[B, D]``."""
+        logits = self.adapter.lm_head(self.adapter.final_norm(last_hidden[:, None]))[:, -1].float()
         for decoder in self._with("edit_logits"):
             if (edited := decoder.edit_logits(ctx, logits, collected)) is not None:
                 logits = edited
@@ -292,8 +296,8 @@ class Engine:
         if shared_images is not None and prefill_shareable:
             groups = self._shared_prefixes(state, shared_images[0])
         if groups is not None:
-            state, collected, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
-            logits = self._logits(ctx, state, collected)
+            last_hidden, visual_counts, kept_visual = self._prefill_shared(ctx, batch, state, cache, *groups)
+            logits = self._logits(ctx, last_hidden, {})
         else:
             state, logits, visual_counts = self.prefill_state(ctx, state, cache)
             kept_visual = _kept_visual_indices(batch.is_visual, state)
@@ -331,7 +335,7 @@ class Engine:
         """The language-model prefill of a packed sequence (``prefill_walk``). Returns the final state, the next logits
         ``[B, V]`` and the visual tokens of each row that each layer processed."""
         state, collected, visual_counts = self.prefill_walk(ctx, state, cache)
-        return state, self._logits(ctx, state, collected), visual_counts
+        return state, self._logits(ctx, state.hidden[:, -1], collected), visual_counts
 
     def prefill_walk(self, ctx, state: LayerState,
                      cache: LayeredKVCache) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
@@ -415,21 +419,19 @@ class Engine:
 
     def _prefill_shared(self, ctx, batch: PreparedBatch, state: LayerState, cache: LayeredKVCache,
                         groups: torch.Tensor, leaders: list[int]):
-        """Image-prefix reuse: prefill each shared prefix (the prompt up to the image's last visual token) once, give
-        every row a copy of its prefix's cache, then prefill the rest of each row on top of it. The cache then holds
-        ``[padding, prefix, padding, rest]`` per row; key validity masks the padding and positions are the unshared
-        ones, so the logits are those of the unshared prefill up to rounding."""
-        index = torch.arange(state.valid.shape[1], device=state.valid.device)
-        last_visual = torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True)
-        rows = torch.tensor(leaders, device=index.device)
-        prefix = self.compact(_select_rows(state, rows), (index <= last_visual)[rows])
-        prefix, _, visual_counts = self.prefill_walk(ctx, prefix, cache)
-        kept_visual = _kept_visual_indices(batch.is_visual[rows], prefix)
-        rest = self.compact(state, index > last_visual)
-        # one copy of each prefix per row, with room for the rest and the answer: no step copies the cache again
-        cache.reorder(groups, room=rest.valid.shape[1] + ctx.max_new_tokens)
-        rest, collected, _ = self.run_layers(ctx, rest, cache, set())
-        return (rest, collected, [counts[groups] for counts in visual_counts],
+        """Image-prefix reuse: each group's prompt prefix (up to the image's last visual token) and the rest of every
+        row in the group, packed as one sequence ``[prefix, rest of row a, rest of row b, ...]``, prefill once with a
+        segment mask: each rest sees the prefix and itself, as in its own prompt. The cache then holds each group's
+        sequence once; every row decodes over its prefix and rest (``LayeredKVCache.share_prefix``) and its own new
+        tokens. Positions are the unshared ones, so the logits are those of the unshared prefill up to rounding.
+        Returns each row's last hidden state, the visual tokens per layer and the kept visual indices."""
+        packed, segments, last = _pack_groups(state, groups, leaders)
+        packed, _, visual_counts = self.run_layers(ctx, packed, cache, set(), mask_mod=segment_mask(segments))
+        rows = torch.arange(len(groups), device=groups.device)
+        own = segments[groups]
+        cache.share_prefix(groups, cache.valid[0][groups] & ((own == 0) | (own == rows[:, None] + 1)))
+        kept_visual = _kept_visual_indices(batch.is_visual[torch.tensor(leaders, device=groups.device)], packed)
+        return (packed.hidden[groups, last], [counts[groups] for counts in visual_counts],
                 [kept_visual[group] for group in groups.tolist()])
 
     def _answered(self, ctx, batch: PreparedBatch, answers: list[list[int]], stop: Sequence[str]) -> list[RowResult]:
@@ -476,7 +478,7 @@ class Engine:
             source_index=torch.full((batch, 1), -1, device=hidden.device),
         )
         state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers())
-        return self._logits(ctx, state, collected)
+        return self._logits(ctx, state.hidden[:, -1], collected)
 
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
         """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
@@ -607,10 +609,39 @@ def _groups(keys: list, device: torch.device) -> tuple[torch.Tensor, list[int]] 
     return torch.tensor(groups, device=device), leaders
 
 
-def _select_rows(state: LayerState, rows: torch.Tensor) -> LayerState:
-    positions = state.positions[:, rows] if state.positions.dim() == 3 else state.positions[rows]
-    return LayerState(hidden=state.hidden[rows], valid=state.valid[rows], is_visual=state.is_visual[rows],
-                      positions=positions, source_index=state.source_index[rows])
+def _pack_groups(state: LayerState, groups: torch.Tensor,
+                 leaders: list[int]) -> tuple[LayerState, torch.Tensor, torch.Tensor]:
+    """The sequences ``[prefix of the group's first row, rest of each of its rows]`` (left-padded), each token's
+    segment (0: the prefix, ``b + 1``: row ``b``'s rest) and each row's last token in its group's sequence."""
+    length = state.valid.shape[1]
+    index = torch.arange(length, device=state.valid.device)
+    last_visual = torch.where(state.is_visual, index, -1).amax(dim=1)
+    real, rest = torch.stack([state.valid.sum(dim=1), length - 1 - last_visual]).tolist()  # rows are left-padded
+    members: list[list[int]] = [[] for _ in leaders]
+    for row, group in enumerate(groups.tolist()):
+        members[group].append(row)
+    spans = [[(leader, length - real[leader], length - rest[leader], 0)]
+             + [(row, length - rest[row], length, row + 1) for row in rows] for leader, rows in zip(leaders, members)]
+    packed_length = max(sum(stop - start for _, start, stop, _ in group) for group in spans)
+    source_row, source_col, segments = (np.zeros((len(leaders), packed_length), dtype=np.int64) for _ in range(3))
+    real_token = np.zeros((len(leaders), packed_length), dtype=bool)
+    last = np.zeros(len(groups), dtype=np.int64)
+    for group, group_spans in enumerate(spans):
+        at = packed_length - sum(stop - start for _, start, stop, _ in group_spans)
+        for row, start, stop, segment in group_spans:
+            end = at + stop - start
+            source_row[group, at:end], source_col[group, at:end] = row, np.arange(start, stop)
+            segments[group, at:end], real_token[group, at:end] = segment, True
+            last[row], at = end - 1, end
+    device = state.valid.device
+    take = (torch.from_numpy(source_row).to(device), torch.from_numpy(source_col).to(device))
+    real_token = torch.from_numpy(real_token).to(device)
+    positions = state.positions[:, take[0], take[1]] if state.positions.dim() == 3 else state.positions[take]
+    packed = LayerState(
+        hidden=state.hidden[take] * real_token[..., None], valid=real_token, is_visual=state.is_visual[take] & real_token,
+        positions=positions, source_index=torch.where(real_token, state.source_index[take], -1),
+    )
+    return packed, torch.from_numpy(segments).to(device), torch.from_numpy(last).to(device)
 
 
 def _kept_visual_indices(is_visual: torch.Tensor, state: LayerState) -> list[list[int]]:

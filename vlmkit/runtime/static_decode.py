@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vlmkit.kernels.interface import SharedPrefix
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import capture_graph, round_up
 from vlmkit.runtime.hooks import GenerationContext
@@ -35,25 +36,53 @@ MIN_NEW_TOKENS = 8
 
 class StaticKVCache:
     """Per-layer key, value and validity buffers of fixed capacity, written in place (the cache protocol of
-    :class:`~vlmkit.runtime.cache.LayeredKVCache`)."""
+    :class:`~vlmkit.runtime.cache.LayeredKVCache`). A cache with shared prefixes gets fixed buffers for them too:
+    ``prefix_capacity`` slots per prefix, the prefixes themselves copied once (not once per row)."""
 
-    def __init__(self, like: LayeredKVCache, capacities: list[int]):
-        self.keys = [k.new_zeros(*k.shape[:-2], c, k.shape[-1]) for k, c in zip(like.keys, capacities)]
-        self.values = [v.new_zeros(*v.shape[:-2], c, v.shape[-1]) for v, c in zip(like.values, capacities)]
-        self.valid = [m.new_zeros(m.shape[0], c) for m, c in zip(like.valid, capacities)]
+    def __init__(self, like: LayeredKVCache, capacities: list[int], prefix_capacity: int = 0):
+        batch = _batch_size(like)
+        self.keys, self.values, self.valid = [], [], []
+        for layer, capacity in enumerate(capacities):
+            template = like.keys[layer] if like.keys[layer] is not None else like.prefixes[layer].keys
+            for buffers in (self.keys, self.values):
+                buffers.append(template.new_zeros(batch, template.shape[1], capacity, template.shape[-1]))
+            self.valid.append(torch.zeros(batch, capacity, dtype=torch.bool, device=template.device))
         device = self.keys[0].device
         self.base = torch.zeros(len(capacities), dtype=torch.long, device=device)  # each layer's prefill length
         self.step = torch.zeros((), dtype=torch.long, device=device)  # the token being decoded
+        self.prefixes: list[SharedPrefix] | None = None
+        if like.prefixes is not None:
+            first = like.prefixes[0]
+            rows = torch.zeros_like(first.rows)
+            valid = first.valid.new_zeros(batch, prefix_capacity)
+            self.prefixes = [SharedPrefix(p.keys.new_zeros(*p.keys.shape[:-2], prefix_capacity, p.keys.shape[-1]),
+                                          p.values.new_zeros(*p.values.shape[:-2], prefix_capacity,
+                                                             p.values.shape[-1]), rows, valid)
+                             for p in like.prefixes]
 
     def load(self, source: LayeredKVCache) -> None:
         """Copy the prefill's cache in; slots after it become invalid."""
         for layer, (key, value, valid) in enumerate(zip(source.keys, source.values, source.valid)):
+            self.valid[layer].zero_()
+            if key is None:
+                continue
             length = key.shape[-2]
             self.keys[layer][..., :length, :].copy_(key)
             self.values[layer][..., :length, :].copy_(value)
-            self.valid[layer].zero_()
             self.valid[layer][:, :length].copy_(valid)
         self.base.copy_(torch.tensor(source.lengths()))
+        if self.prefixes is not None:
+            for mine, theirs in zip(self.prefixes, source.prefixes):
+                length = theirs.keys.shape[-2]
+                mine.keys[..., :length, :].copy_(theirs.keys)
+                mine.values[..., :length, :].copy_(theirs.values)
+            first, theirs = self.prefixes[0], source.prefixes[0]
+            first.rows.copy_(theirs.rows)
+            first.valid.zero_()
+            first.valid[:, :theirs.valid.shape[1]].copy_(theirs.valid)
+
+    def shared_prefix(self, layer: int) -> SharedPrefix | None:
+        return None if self.prefixes is None else self.prefixes[layer]
 
     def _slot(self, layer_idx: int) -> torch.Tensor:
         return (self.base[layer_idx] + self.step).view(1)
@@ -70,17 +99,21 @@ class StaticKVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select rows in place (beam search), keeping the buffers' addresses."""
-        for tensor in (*self.keys, *self.values, *self.valid):
+        per_row = [*self.keys, *self.values, *self.valid]
+        if self.prefixes is not None:
+            per_row += [self.prefixes[0].rows, self.prefixes[0].valid]  # shared by every layer's prefix
+        for tensor in per_row:
             tensor.copy_(tensor.index_select(0, index))
 
 
 class StaticDecoder:
     """One batch size and cache layout: the static cache, the step's input buffers and, on CUDA, the step's graph."""
 
-    def __init__(self, engine: Engine, like: LayeredKVCache, capacities: list[int], next_position: torch.Tensor):
+    def __init__(self, engine: Engine, like: LayeredKVCache, capacities: list[int], prefix_capacity: int,
+                 next_position: torch.Tensor):
         self.engine = weakref.proxy(engine)  # the engine owns this object: no reference cycle
         self.graphed = engine.graphs_allowed
-        self.cache = StaticKVCache(like, capacities)
+        self.cache = StaticKVCache(like, capacities, prefix_capacity)
         self.next_position = torch.zeros_like(next_position)
         self.tokens = torch.zeros(next_position.shape[0], dtype=torch.long, device=next_position.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -109,13 +142,23 @@ class StaticDecoder:
 
 def decoder_layout(cache: LayeredKVCache, next_position: torch.Tensor, max_new_tokens: int) -> tuple:
     """What one static decoder serves: the batch size, the per-layer capacities (rounded up to
-    :data:`CAPACITY_BUCKET`), dtype and device."""
+    :data:`CAPACITY_BUCKET`), the shared prefixes' count and capacity (0, 0 without), dtype and device."""
     capacities = tuple(round_up(length + max_new_tokens, CAPACITY_BUCKET) for length in cache.lengths())
-    return next_position.shape[0], capacities, cache.keys[0].dtype, str(cache.keys[0].device)
+    prefixes = (0, 0)
+    if cache.prefixes is not None:
+        shared = cache.prefixes[0].keys
+        prefixes = (shared.shape[0], round_up(shared.shape[-2], CAPACITY_BUCKET))
+    template = cache.keys[0] if cache.keys[0] is not None else cache.prefixes[0].keys
+    return next_position.shape[0], capacities, prefixes, template.dtype, str(template.device)
 
 
 def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor, layout: tuple) -> StaticDecoder:
     """The engine's static decoder for this ``decoder_layout``, loaded with ``cache``."""
-    decoder = engine.static_decoders.get(layout, lambda: StaticDecoder(engine, cache, list(layout[1]), next_position))
+    decoder = engine.static_decoders.get(
+        layout, lambda: StaticDecoder(engine, cache, list(layout[1]), layout[2][1], next_position))
     decoder.start(cache, next_position)
     return decoder
+
+
+def _batch_size(cache: LayeredKVCache) -> int:
+    return cache.prefixes[0].rows.shape[0] if cache.prefixes is not None else cache.keys[0].shape[0]
