@@ -391,28 +391,41 @@ class Engine:
         group's image once. None when no two rows share or a row has no token after its image."""
         if not self.share_image_prefix or len({id(image) for image in ctx.images}) == batch.batch_size:
             return None
-        ids, valid = batch.input_ids, batch.attention_mask.bool()
+        ids = batch.input_ids
         index = torch.arange(ids.shape[1], device=ids.device)
         last_visual = torch.where(batch.is_visual, index, -1).amax(dim=1)
-        if bool((last_visual < 0).any() or (last_visual == ids.shape[1] - 1).any()):
+        first_real = torch.where(batch.attention_mask.bool(), index, ids.shape[1]).amin(dim=1)
+        starts, stops = torch.stack([first_real, last_visual + 1]).tolist()  # rows are left-padded
+        if min(stops) < 1 or max(stops) == ids.shape[1]:
             return None
-        return _groups([(id(ctx.images[row]), tuple(ids[row][valid[row] & (index <= last_visual[row])].tolist()))
-                        for row in range(batch.batch_size)], ids.device)
+        rows = ids.tolist()
+        return _groups([(id(image), tuple(row[start:stop])) for image, row, start, stop
+                        in zip(ctx.images, rows, starts, stops)], ids.device)
 
     @staticmethod
     def _shared_prefixes(state: LayerState, image_group: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
         """Of the rows that share an image, those whose packed prefixes (hidden states and positions) are identical
-        after the vision-side pruner: the groups that may share one prefill, or None."""
+        after the vision-side pruner: the groups that may share one prefill, or None. Each row is compared with its
+        image's first row at once; rows that differ (a pruner chose per row) are then matched one by one."""
         index = torch.arange(state.valid.shape[1], device=state.valid.device)
         in_prefix = state.valid & (index <= torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True))
-        positions = state.positions if state.positions.dim() == 3 else state.positions.unsqueeze(0)
+        prefix = Engine.compact(state, in_prefix)  # equal prefixes: equal rows, left-padded alike
+        positions = prefix.positions if prefix.positions.dim() == 3 else prefix.positions.unsqueeze(0)
+        image_group = image_group.tolist()
+        first = [image_group.index(group) for group in image_group]
+        like_first = ((prefix.hidden == prefix.hidden[first]).flatten(1).all(dim=1)
+                      & (positions == positions[:, first]).all(dim=2).all(dim=0)
+                      & (prefix.valid == prefix.valid[first]).all(dim=1)).tolist()
         keys, seen = [], {}
-        for row, group in enumerate(image_group.tolist()):
-            prefix = (state.hidden[row][in_prefix[row]], positions[:, row][:, in_prefix[row]])
+        for row, (group, same) in enumerate(zip(image_group, like_first)):
+            if same:
+                keys.append(first[row])
+                continue
+            mine = (prefix.hidden[row], positions[:, row], prefix.valid[row])
             candidates = seen.setdefault(group, [])
-            match = next((other for other, theirs in candidates if all(map(torch.equal, prefix, theirs))), None)
+            match = next((other for other, theirs in candidates if all(map(torch.equal, mine, theirs))), None)
             if match is None:
-                candidates.append((row, prefix))
+                candidates.append((row, mine))
                 match = row
             keys.append(match)
         return _groups(keys, index.device)
