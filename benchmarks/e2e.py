@@ -53,6 +53,8 @@ import transformers
 from PIL import Image
 
 import vlmkit
+from vlmkit.decoders.base import Decoder
+from vlmkit.models import adapter_for
 from vlmkit.testing import SHAPED, shaped_model, tiny_model, tokens_of
 
 PRUNERS = ["uniform", "random", "fastv", "pdrop", "divprune", "visionzip", "fastervlm", "dart", "zoo", "agile"]
@@ -128,7 +130,9 @@ class Bench:
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
             add_generation_prompt=True) for prompt in prompts]
         self.processor.tokenizer.padding_side = "left"
-        return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
+        on_device = adapter_for(self.model, self.processor).image_processing_device()  # as vlmkit processes images
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True,
+                              **on_device).to(self.device)
 
     def hf_generate(self, inputs: dict, tokens: int) -> float:
         started = now(self.device)
@@ -220,7 +224,38 @@ class Bench:
             result["tokens_match_unshared"] = unshared == tokens_of(answers)
             result["answers_differing_from_unshared"] = sum(a != b for a, b in zip(tokens_of(answers), unshared))
             result["unshared_answers_differing_from_batch_1"] = sum(a != b for a, b in zip(unshared, alone))
+            result.update(eager_ties(vlm, images, questions, tokens_of(answers)))
         return result
+
+
+class LogitRecorder(Decoder):
+    """Records every row's next-token logits at every step and changes nothing (its hook keeps generation on the
+    eager walk, without shared prefixes)."""
+
+    name = "logit-recorder"
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def edit_logits(self, ctx, logits, hidden_by_layer):
+        self.seen.append(logits.clone())
+
+
+def eager_ties(vlm: vlmkit.VLM, images, questions, answers: list[list[int]]) -> dict:
+    """Where ``answers`` leave the eager walk's (unshared, one row per question): how many rows differ and, over those
+    rows, the largest gap between the eager walk's top logit and its logit for the answer's token at the first
+    differing step. A gap of 0 or about one bf16 step of the logits is a tie that rounding split."""
+    recorder = LogitRecorder()
+    eager = vlmkit.wrap(vlm.model, vlm.processor, pruner=vlm.pruner, decoders=[recorder], decode="dynamic",
+                        prefill="dynamic")
+    reference = tokens_of(eager.generate(images, questions, max_new_tokens=3))
+    gaps = []
+    for row, (mine, theirs) in enumerate(zip(answers, reference)):
+        step = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+        if step is not None:
+            logits = recorder.seen[step][row]
+            gaps.append(float(logits.max() - logits[mine[step]]))
+    return {"answers_differing_from_eager": len(gaps), "largest_eager_logit_gap_where_differing": max(gaps, default=0.0)}
 
 
 def benchmark_model(model_name: str, tiny: str | None):

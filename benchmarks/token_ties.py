@@ -14,25 +14,12 @@ from __future__ import annotations
 import torch
 
 import vlmkit
-from e2e import PROMPT, random_images
-from vlmkit.decoders.base import Decoder
+from e2e import PROMPT, LogitRecorder, random_images
 from vlmkit.testing import SHAPED, shaped_model
 
 CONFIGS = {"llava-1.5-7b": ["dyvte:exit_layer=2", "fastv:keep=64"],
            "qwen2.5-vl-7b": ["pdrop:keep=64", "dyvte:exit_layer=2", "fastv:keep=64"]}
 NEW_TOKENS = 32
-
-
-class LogitRecorder(Decoder):
-    """Records the first row's next-token logits at every step and changes nothing."""
-
-    name = "logit-recorder"
-
-    def __init__(self):
-        self.seen: list[torch.Tensor] = []
-
-    def edit_logits(self, ctx, logits, hidden_by_layer):
-        self.seen.append(logits[0].clone())
 
 
 def main() -> None:
@@ -52,7 +39,7 @@ def main() -> None:
             if step is None:
                 print(model_name, spec, "same tokens", flush=True)
                 continue
-            logits = recorder.seen[step].float()
+            logits = recorder.seen[step][0].float()
             top = logits.topk(2)
             print(model_name, spec, f"first difference at token {step} of {len(slow)}; eager top-2 margin "
                   f"{float(top.values[0] - top.values[1]):.4f}; the graph path's token scores "

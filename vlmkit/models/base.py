@@ -117,13 +117,14 @@ class Adapter(ABC):
         distinct: dict[int, int] = {}  # id(image) -> its index among the distinct images
         image_of_row = [distinct.setdefault(id(image), len(distinct)) for image in images]
         leaders = [image_of_row.index(index) for index in range(len(distinct))]
+        on_device = self.image_processing_device()
         encoded = self.processor(images=[images[row] for row in leaders], text=[texts[row] for row in leaders],
-                                 return_tensors="pt", padding=True)
+                                 return_tensors="pt", padding=True, **on_device)
         rows = None
         if len(leaders) < len(images):
             rows = self._tokenize_rows(texts, image_of_row, leaders, encoded["input_ids"], encoded["attention_mask"])
             if rows is None:  # placeholders not expanded as one repeated token: process every row's image
-                encoded = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+                encoded = self.processor(images=images, text=texts, return_tensors="pt", padding=True, **on_device)
         device = self.device
         encoded = {key: value.to(device) for key, value in encoded.items()}
         input_ids, attention_mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
@@ -139,6 +140,19 @@ class Adapter(ABC):
             vision_inputs=vision_inputs,
             extra=extra,
         )
+
+    def image_processing_device(self) -> dict:
+        """``{"device": the model's GPU}`` when the image processor runs on torchvision (transformers' default where
+        torchvision is installed): resizing and normalising a batch's images there takes a fraction of the host's
+        time. Empty otherwise (a PIL processor, a CPU model)."""
+        try:
+            from transformers.image_processing_backends import TorchvisionBackend
+        except ImportError:  # a transformers without the torchvision backend class
+            return {}
+        image_processor = getattr(self.processor, "image_processor", None)
+        if self.device.type == "cuda" and isinstance(image_processor, TorchvisionBackend):
+            return {"device": self.device}
+        return {}
 
     def _tokenize_rows(self, texts: list[str], image_of_row: list[int], leaders: list[int], leader_ids: torch.Tensor,
                        leader_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

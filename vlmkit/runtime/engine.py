@@ -229,15 +229,16 @@ class Engine:
         for pruner in selectors:
             if (chosen := pruner.select_visual(ctx, visual)) is not None:
                 selections = chosen
-        for row, (tokens, selection) in enumerate(zip(visual, selections)):
-            slots = batch.is_visual[row].nonzero().squeeze(-1)
-            if slots.numel() != tokens.embeds.shape[0]:
+        for row, (tokens, placeholders) in enumerate(zip(visual, batch.is_visual.sum(dim=1).tolist())):
+            if placeholders != tokens.embeds.shape[0]:
                 raise InputError(
-                    f"sample {row}: the prompt has {slots.numel()} image placeholder tokens but the vision encoder "
+                    f"sample {row}: the prompt has {placeholders} image placeholder tokens but the vision encoder "
                     f"produced {tokens.embeds.shape[0]} tokens; build prompts with the model's processor"
                 )
-            hidden[row, slots] = tokens.embeds.to(hidden.dtype)
+        hidden[batch.is_visual] = torch.cat([tokens.embeds for tokens in visual]).to(hidden.dtype)  # row-major order
+        for row, (tokens, selection) in enumerate(zip(visual, selections)):
             if selection is not None:
+                slots = batch.is_visual[row].nonzero().squeeze(-1)
                 dropped = torch.ones(slots.numel(), dtype=torch.bool, device=slots.device)
                 dropped[selection.keep] = False
                 keep[row, slots[dropped]] = False
@@ -555,11 +556,11 @@ class _TokenDecoder:
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             tokens = self.choose(logits)
-            for row in range(batch):
+            if not all(active):
+                tokens.masked_fill_(~torch.tensor(active, device=tokens.device), pad)
+            for row, token in enumerate(tokens.tolist()):  # one transfer per step, not one per row
                 if not active[row]:
-                    tokens[row] = pad
                     continue
-                token = int(tokens[row])
                 generated[row].append(token)
                 if token in self.eos:
                     active[row] = False
