@@ -54,7 +54,6 @@ from PIL import Image
 
 import vlmkit
 from vlmkit.decoders.base import Decoder
-from vlmkit.models import adapter_for
 from vlmkit.testing import SHAPED, shaped_model, tiny_model, tokens_of
 
 PRUNERS = ["uniform", "random", "fastv", "pdrop", "divprune", "visionzip", "fastervlm", "dart", "zoo", "agile"]
@@ -130,9 +129,7 @@ class Bench:
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
             add_generation_prompt=True) for prompt in prompts]
         self.processor.tokenizer.padding_side = "left"
-        on_device = adapter_for(self.model, self.processor).image_processing_device()  # as vlmkit processes images
-        return self.processor(images=images, text=texts, return_tensors="pt", padding=True,
-                              **on_device).to(self.device)
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
 
     def hf_generate(self, inputs: dict, tokens: int) -> float:
         started = now(self.device)

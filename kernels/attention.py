@@ -301,19 +301,23 @@ class _Destination:
 def _forward(kernels, q, k, v, dst: _Destination, masks: _MaskArgs, layout: _Layout, causal: bool, qk_scale: float,
              precision: str, kv_rows: torch.Tensor | None = None) -> None:
     """Launch ``attention_fwd_kernel`` over ``layout``'s grid; ``kv_rows [B]``: batch row ``b`` reads K/V row
-    ``kv_rows[b]``."""
+    ``kv_rows[b]``. A few-query call with key validity skips the key blocks after each row's last valid key."""
     batch, q_heads, q_len, head_dim = q.shape
     config = layout.config
+    key_end = None
+    if layout.packed and masks.has_valid:  # decode over a preallocated cache: the unwritten slots are not read
+        valid = masks.valid.view(-1, k.shape[2]).expand(batch, -1)
+        key_end = (valid * torch.arange(1, k.shape[2] + 1, device=q.device, dtype=torch.int32)).amax(dim=1)
     kernels.attention_fwd_kernel[(layout.row_blocks, batch * layout.heads_axis, layout.num_splits)](
         q, k, v, dst.out, dst.lse, masks.valid, masks.bias, masks.gain, masks.params,
-        q if kv_rows is None else kv_rows,
+        q if kv_rows is None else kv_rows, q if key_end is None else key_end,
         *q.stride(), *k.stride(), *v.stride(), *dst.o_strides, *dst.l_strides,
         masks.valid_stride, masks.bias_stride_b, masks.bias_stride_h, masks.gain_stride_b, masks.gain_stride_h,
         masks.params_stride, q_heads, q_len, k.shape[2], layout.keys_per_split, qk_scale,
         GROUP=q_heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, PACK_GROUP=layout.packed, CAUSAL=causal, HAS_VALID=masks.has_valid,
         HAS_BIAS=masks.has_bias, HAS_GAIN=masks.has_gain, HAS_MASK=masks.fn is not None, MASK_FN=masks.fn,
-        PRECISION=precision, HAS_KV_ROWS=kv_rows is not None,
+        PRECISION=precision, HAS_KV_ROWS=kv_rows is not None, HAS_KEY_END=key_end is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 

@@ -91,7 +91,7 @@ def _attend_tiles(acc, l_i, m_i, q, b, head, q_idx, k_ptrs, v_ptrs, bias_ptrs, g
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, KeyValid, KeyBias, KeyGain, MaskParams, KvRows,
+    Q, K, V, Out, Lse, KeyValid, KeyBias, KeyGain, MaskParams, KvRows, KeyEnd,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -102,7 +102,7 @@ def attention_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK_GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_VALID: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GAIN: tl.constexpr, HAS_MASK: tl.constexpr,
-    MASK_FN: tl.constexpr, PRECISION: tl.constexpr, HAS_KV_ROWS: tl.constexpr,
+    MASK_FN: tl.constexpr, PRECISION: tl.constexpr, HAS_KV_ROWS: tl.constexpr, HAS_KEY_END: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` query rows of one batch row against the keys of one split.
 
@@ -111,6 +111,8 @@ def attention_fwd_kernel(
     so K/V are read once per group (decode). ``Out``/``Lse`` strides include a split stride: with one split they are
     the final tensors, with several they are partial results merged by ``combine_splits_kernel``. With
     ``HAS_KV_ROWS``, batch row ``b`` reads the K/V of batch row ``KvRows[b]`` (a prefix that several rows share).
+    With ``HAS_KEY_END``, keys from ``KeyEnd[b]`` on are all invalid and not read (a preallocated decode cache's
+    unwritten slots): their blocks would add exact zeros, so the result is the same bit for bit.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -142,6 +144,8 @@ def attention_fwd_kernel(
     # to every row (no causal or ragged-end test); blocks from `mid` to `hi` cross the diagonal or the end.
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, k_len)
+    if HAS_KEY_END:
+        hi = tl.minimum(hi, tl.load(KeyEnd + b))
     first_q = tl.min(tl.where(row_ok, q_row, q_len), 0) + k_len - q_len
     last_q = tl.max(tl.where(row_ok, q_row, 0), 0) + k_len - q_len
     if CAUSAL:

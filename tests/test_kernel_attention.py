@@ -115,6 +115,19 @@ def test_decode_split_kv(seed, dtype, q_len, q_heads, kv_heads, num_splits):
 
 
 @kernel_case
+def test_decode_rows_ending_early():
+    """Rows whose valid keys end early (a decode cache's unwritten slots): splits past a row's last valid key are
+    skipped, one split is cut inside, and a row with no valid key gives zeros."""
+    (q, k, v), _ = _inputs(16, 3, 4, 2, 1, 300, 64, torch.bfloat16)
+    key_valid = torch.zeros(3, 300, dtype=torch.bool, device=DEVICE)
+    key_valid[0, :37] = True
+    key_valid[1, 5:270] = True
+    _check(q[:2], k[:2], v[:2], key_valid=key_valid[:2])
+    out, stats = attention(q, k, v, key_valid=key_valid)
+    assert not out[2].any() and stats.lse[2].isinf().all()
+
+
+@kernel_case
 def test_split_kv_changes_nothing_but_rounding():
     (q, k, v), _ = _inputs(15, 1, 4, 2, 1, 64, 64, torch.float32)
     one, stats_one = attention(q, k, v, num_splits=1)

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
@@ -117,14 +118,13 @@ class Adapter(ABC):
         distinct: dict[int, int] = {}  # id(image) -> its index among the distinct images
         image_of_row = [distinct.setdefault(id(image), len(distinct)) for image in images]
         leaders = [image_of_row.index(index) for index in range(len(distinct))]
-        on_device = self.image_processing_device()
         encoded = self.processor(images=[images[row] for row in leaders], text=[texts[row] for row in leaders],
-                                 return_tensors="pt", padding=True, **on_device)
+                                 return_tensors="pt", padding=True)
         rows = None
         if len(leaders) < len(images):
             rows = self._tokenize_rows(texts, image_of_row, leaders, encoded["input_ids"], encoded["attention_mask"])
             if rows is None:  # placeholders not expanded as one repeated token: process every row's image
-                encoded = self.processor(images=images, text=texts, return_tensors="pt", padding=True, **on_device)
+                encoded = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         device = self.device
         encoded = {key: value.to(device) for key, value in encoded.items()}
         input_ids, attention_mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
@@ -141,19 +141,6 @@ class Adapter(ABC):
             extra=extra,
         )
 
-    def image_processing_device(self) -> dict:
-        """``{"device": the model's GPU}`` when the image processor runs on torchvision (transformers' default where
-        torchvision is installed): resizing and normalising a batch's images there takes a fraction of the host's
-        time. Empty otherwise (a PIL processor, a CPU model)."""
-        try:
-            from transformers.image_processing_backends import TorchvisionBackend
-        except ImportError:  # a transformers without the torchvision backend class
-            return {}
-        image_processor = getattr(self.processor, "image_processor", None)
-        if self.device.type == "cuda" and isinstance(image_processor, TorchvisionBackend):
-            return {"device": self.device}
-        return {}
-
     def _tokenize_rows(self, texts: list[str], image_of_row: list[int], leaders: list[int], leader_ids: torch.Tensor,
                        leader_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Every row's ``input_ids`` and ``attention_mask`` (left-padded) without processing its image again: each
@@ -168,8 +155,7 @@ class Adapter(ABC):
                 return None
             at = ids.index(image_token)
             rows.append(ids[:at] + [image_token] * counts[image] + ids[at + 1:])
-        encoded = self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        ids, mask = _left_padded(rows, self.tokenizer.pad_token_id)
         if not all(torch.equal(ids[row][mask[row].bool()], leader_ids[image][leader_mask[image].bool()])
                    for image, row in enumerate(leaders)):
             return None
@@ -216,3 +202,15 @@ def unpack_features(output) -> list[torch.Tensor]:
     if isinstance(features, torch.Tensor):
         features = list(features) if features.dim() == 3 else [features]
     return list(features)
+
+
+def _left_padded(rows: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, longest]`` of token lists, left-padded (``tokenizer.pad``'s result,
+    without its per-element walk over a batch of long image prompts)."""
+    length = max(map(len, rows))
+    ids = np.full((len(rows), length), 0 if pad_id is None else pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for row, tokens in enumerate(rows):
+        ids[row, length - len(tokens):] = tokens
+        mask[row, length - len(tokens):] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
