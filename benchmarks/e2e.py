@@ -252,7 +252,8 @@ def eager_ties(vlm: vlmkit.VLM, images, questions, answers: list[list[int]]) -> 
         if step is not None:
             logits = recorder.seen[step][row]
             gaps.append(float(logits.max() - logits[mine[step]]))
-    return {"answers_differing_from_eager": len(gaps), "largest_eager_logit_gap_where_differing": max(gaps, default=0.0)}
+    return {"answers_differing_from_eager": len(gaps),
+            "largest_eager_logit_gap_where_differing": max(gaps, default=0.0)}
 
 
 def benchmark_model(model_name: str, tiny: str | None):

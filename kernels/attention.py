@@ -20,6 +20,10 @@ Algorithm
      slots after the real keys (a preallocated decode cache) add exact zeros and leave the result bit for bit
      unchanged: a graph-replayed static-cache step gives the tokens of the dynamic cache.
 
+   *Shared prefixes* (:func:`shared_prefix_attention`, few queries): the same kernel reads K/V row ``kv_rows[b]``
+   for batch row ``b``, so rows that share a prefix read one copy of it; the shared keys and the row's own keys are
+   splits of one pass, merged by one combine. Key blocks after a row's last valid key are not read.
+
 2. **Key mass** (``key_mass_kernel``, only when ``mass_queries`` is given). The transpose of pass 1: a program owns a
    block of keys and loops over the selected query rows, recomputing ``p = exp(q·k·scale + bias - lse)`` with pass
    1's LSE and summing it (times the row weight) over rows. Memory stays linear in the sequence length, each key's
@@ -106,8 +110,7 @@ def attention(
     kv_heads, k_len = k.shape[1], k.shape[2]
     _check_inputs(q, k, v, mask_mod)
     group = q_heads // kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    qk_scale = scale * 1.4426950408889634  # log2(e): the kernels use exp2
+    qk_scale = _qk_scale(head_dim, scale)
     kind = _kind(q)
     block_d = _block_d(head_dim)
     precision = _precision(q)
@@ -200,7 +203,7 @@ def shared_prefix_attention(
         raise ValueError(f"shared-prefix attention takes at most {FEW_QUERIES} query rows, got {q_len}")
     if prefix_rows.shape != (batch,):
         raise ValueError(f"prefix_rows must be [{batch}], got {tuple(prefix_rows.shape)}")
-    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * 1.4426950408889634
+    qk_scale = _qk_scale(head_dim, scale)
     precision = _precision(q)
     prefix_layout = _Layout.choose(q, prefix_k)
     own_layout = _Layout.choose(q, k)
@@ -320,6 +323,11 @@ def _forward(kernels, q, k, v, dst: _Destination, masks: _MaskArgs, layout: _Lay
         PRECISION=precision, HAS_KV_ROWS=kv_rows is not None, HAS_KEY_END=key_end is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def _qk_scale(head_dim: int, scale: float | None) -> float:
+    """The logit scale times log2(e): the kernels use exp2."""
+    return (1.0 / math.sqrt(head_dim) if scale is None else scale) * 1.4426950408889634
 
 
 def _kind(q: torch.Tensor) -> str:

@@ -28,7 +28,8 @@ def test_padded_segment_gives_the_walks_logits_and_cache(tiny, images, prompts, 
     after = segment.run(ctx, state, cache)
     walked_cache = LayeredKVCache(num_layers)
     walked, collected, _ = engine.run_layers(ctx, state, walked_cache, set())
-    torch.testing.assert_close(engine._logits(ctx, after.hidden[:, -1], {}), engine._logits(ctx, walked.hidden[:, -1], collected),
+    torch.testing.assert_close(engine._logits(ctx, after.hidden[:, -1], {}),
+                               engine._logits(ctx, walked.hidden[:, -1], collected),
                                rtol=1e-5, atol=1e-5)
     assert cache.lengths() == walked_cache.lengths() == [length] * num_layers
     for layer in range(num_layers):

@@ -137,8 +137,8 @@ class Engine:
         )
 
     # -- the layer walk -------------------------------------------------------------------------------------------
-    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, cache, attending: list[Intervention],
-                        mask_mod: TritonMask | None) -> LayerAttention:
+    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, cache,
+                        attending: list[Intervention], mask_mod: TritonMask | None) -> LayerAttention:
         requests = [r for i in attending if (r := i.attention(ctx, layer, state)) is not None]
         call = LayerAttention(key_valid=state.key_valid, backend=self.attention_backend, mask_mod=mask_mod,
                               prefix=cache.shared_prefix(layer))
@@ -646,14 +646,17 @@ def _pack_groups(state: LayerState, groups: torch.Tensor,
             end = at + stop - start
             source_row[group, at:end], source_col[group, at:end] = row, np.arange(start, stop)
             segments[group, at:end], real_token[group, at:end] = segment, True
-            last[row], at = end - 1, end
+            if segment:  # a row's own rest (the prefix comes from its group's first row)
+                last[row] = end - 1
+            at = end
     device = state.valid.device
     take = (torch.from_numpy(source_row).to(device), torch.from_numpy(source_col).to(device))
     real_token = torch.from_numpy(real_token).to(device)
     positions = state.positions[:, take[0], take[1]] if state.positions.dim() == 3 else state.positions[take]
     packed = LayerState(
-        hidden=state.hidden[take] * real_token[..., None], valid=real_token, is_visual=state.is_visual[take] & real_token,
-        positions=positions, source_index=torch.where(real_token, state.source_index[take], -1),
+        hidden=state.hidden[take] * real_token[..., None], valid=real_token,
+        is_visual=state.is_visual[take] & real_token, positions=positions,
+        source_index=torch.where(real_token, state.source_index[take], -1),
     )
     return packed, torch.from_numpy(segments).to(device), torch.from_numpy(last).to(device)
 
