@@ -127,3 +127,22 @@ def test_layers_get_the_cache_under_their_own_argument_name(tiny, images, prompt
         warnings.simplefilter("error", FutureWarning)
         vlm.generate(images[:1], prompts[:1], max_new_tokens=2)
 
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_tower_with_a_precomputed_layout_gives_get_image_features_tokens(tiny, images, prompts, family,
+                                                                               monkeypatch):
+    """The ViT run with its grid layout precomputed (and cached per set of grids) gives the tokens and merger inputs
+    of transformers' own ``get_image_features``."""
+    adapter = vlmkit.wrap(*tiny(family)).adapter
+    batch = adapter.prepare(images, prompts)
+    with torch.no_grad():
+        fast = adapter.encode_images(batch)
+        again = adapter.encode_images(batch)
+        monkeypatch.setattr(type(adapter), "_vision_layout", lambda self, grid_thw, grids: None)
+        plain = adapter.encode_images(batch)
+    assert len(adapter._vision_layouts.items) == 1  # one set of grids, computed once
+    for mine, repeat, theirs in zip(fast, again, plain):
+        assert mine.grid == theirs.grid
+        assert torch.equal(mine.embeds, theirs.embeds) and torch.equal(repeat.embeds, theirs.embeds)
+        assert torch.equal(mine.features, theirs.features)

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 
 from vlmkit.kernels.packed_vision import PACKED_VISION_IMPLEMENTATION
 from vlmkit.models.base import Adapter, PreparedBatch, unpack_features
-from vlmkit.runtime.graphs import GraphedCalls
+from vlmkit.runtime.graphs import GraphedCalls, LRUPool
 from vlmkit.runtime.hooks import VisualTokens
+
+
+LAYOUTS_KEPT = 16  # precomputed ViT layouts (sets of image grids) kept per adapter
+
+
+@dataclass(frozen=True)
+class _VisionLayout:
+    """The ViT's inputs that depend only on the image grids, as transformers' vision forward accepts them
+    precomputed, and the permutation from its window order back to token order (None without windows)."""
+
+    kwargs: dict
+    token_order: torch.Tensor | None
 
 
 class Qwen2VLAdapter(Adapter):
@@ -48,34 +62,84 @@ class Qwen2VLAdapter(Adapter):
 
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
                       graphs: GraphedCalls | None = None) -> list[VisualTokens]:
-        """Qwen's ViT has no [CLS] token, so ``attention`` stays None. It always runs eagerly (``graphs`` unused):
-        its variable-resolution attention reads sequence lengths on the host."""
+        """Qwen's ViT has no [CLS] token, so ``attention`` stays None. The tower's layout for a set of image grids
+        (rotary positions, sequence and window boundaries) is computed once with transformers' own helpers and passed
+        in precomputed (``transformers.vision_utils``), so a forward reads nothing on the host and, with ``graphs``,
+        replays as a CUDA graph per set of grids. A transformers without those helpers runs ``get_image_features``."""
         grid_thw = batch.vision_inputs["image_grid_thw"]
-        output = self.model.model.get_image_features(
-            pixel_values=batch.vision_inputs["pixel_values"], image_grid_thw=grid_thw
-        )
-        embeds = unpack_features(output)
+        grids = tuple(map(tuple, grid_thw.tolist()))
+        layout = self._vision_layout(grid_thw, grids)
+        if layout is None:
+            output = self.model.model.get_image_features(
+                pixel_values=batch.vision_inputs["pixel_values"], image_grid_thw=grid_thw
+            )
+            embeds, merger_input, token_order = unpack_features(output), getattr(output, "last_hidden_state", None), None
+        else:
+            tower = self.vision_tower
+
+            def forward(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                output = tower(pixels, grid_thw=grid_thw, **layout.kwargs)
+                return output.pooler_output, output.last_hidden_state
+
+            pixels = batch.vision_inputs["pixel_values"].type(tower.dtype)
+            merged, merger_input = forward(pixels) if graphs is None else graphs.run(f"qwen-vision-{grids}", forward,
+                                                                                     pixels)
+            embeds = list(merged.split([t * h * w // self.merge_size ** 2 for t, h, w in grids]))
+            token_order = layout.token_order
         counts = [e.shape[0] for e in embeds]
         features = [None] * len(embeds)
-        if (merger_input := getattr(output, "last_hidden_state", None)) is not None:
-            features = self._in_token_order(merger_input.reshape(sum(counts), -1), grid_thw).split(counts)
+        if merger_input is not None:
+            merger_input = merger_input.reshape(sum(counts), -1)
+            if token_order is None:
+                token_order = self._token_order(grid_thw)
+            features = (merger_input if token_order is None else merger_input[token_order]).split(counts)
         tokens = []
-        for index, (image_embeds, (_, rows, cols)) in enumerate(zip(embeds, grid_thw.tolist())):
+        for index, (image_embeds, (_, rows, cols)) in enumerate(zip(embeds, grids)):
             grid = (rows // self.merge_size, cols // self.merge_size)
             tokens.append(VisualTokens(image_embeds, grid, index, features=features[index]))
         return tokens
 
-    def _in_token_order(self, merger_input: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Qwen2.5-VL's window attention runs (and merges) tokens in window order; undo that permutation."""
+    def _vision_layout(self, grid_thw: torch.Tensor, grids: tuple) -> _VisionLayout | None:
+        """The tower's precomputed layout for these grids (cached), or None without ``transformers.vision_utils``."""
+        try:
+            from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+        except ImportError:
+            return None
+
+        def compute() -> _VisionLayout:
+            tower = self.vision_tower
+            cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, tower.config)
+            kwargs = {"position_ids": get_vision_position_ids(grid_thw, self.merge_size), "cu_seqlens": cu_seqlens,
+                      "max_seqlen": _longest(cu_seqlens)}
+            window_index = self._window_index(grid_thw)
+            if window_index is not None:
+                window_index, cu_window_seqlens = window_index
+                kwargs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
+                              max_window_seqlen=_longest(cu_window_seqlens))
+            return _VisionLayout(kwargs, None if window_index is None else torch.argsort(window_index))
+
+        return self._vision_layouts.get(grids, compute)
+
+    @functools.cached_property
+    def _vision_layouts(self) -> LRUPool[_VisionLayout]:
+        return LRUPool(LAYOUTS_KEPT)
+
+    def _window_index(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Qwen2.5-VL's window order of the merged tokens and the windows' boundaries (None for Qwen2-VL)."""
         tower = self.vision_tower
         if not hasattr(tower, "window_size"):
-            return merger_input
+            return None
         from transformers.vision_utils import get_vision_window_index
 
-        window_index, _ = get_vision_window_index(
+        window_index, cu_window_seqlens = get_vision_window_index(
             grid_thw, spatial_merge_size=self.merge_size, window_size=tower.window_size, patch_size=tower.patch_size
         )
-        return merger_input[torch.argsort(window_index)]
+        return window_index.to(grid_thw.device), cu_window_seqlens.to(grid_thw.device)
+
+    def _token_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2.5-VL's window attention runs (and merges) tokens in window order: the permutation that undoes it."""
+        window_index = self._window_index(grid_thw)
+        return None if window_index is None else torch.argsort(window_index[0])
 
     def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE ids ``[3, B, L]`` from the model's own ``get_rope_index``, on the unpruned sequence."""
@@ -89,3 +153,7 @@ class Qwen2VLAdapter(Adapter):
 
     def decode_positions(self, next_position: torch.Tensor, step: int) -> torch.Tensor:
         return (next_position + step).view(1, -1, 1).expand(3, -1, 1)
+
+
+def _longest(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
