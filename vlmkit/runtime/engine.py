@@ -17,7 +17,7 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 When every intervention that acts inside the language model's prefill says at which layers (``prefill_layers``),
 step 3 runs those layers eagerly and the runs of layers between them in fixed-shape buffers of bucketed length,
 replayed as CUDA graphs on CUDA (static_prefill.py); the vision forward of small batches replays as a CUDA graph
-where the adapter allows it (LLaVA's CLIP tower; ``graphs.py``).
+where the adapter allows it (LLaVA's CLIP tower, Qwen's ViT with its grid layout precomputed; ``graphs.py``).
 """
 
 from __future__ import annotations
