@@ -26,7 +26,7 @@ def _run(tiny, family, images, share, monkeypatch=None, decode="dynamic", pruner
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("num_beams,decode", [(1, "dynamic"), (2, "dynamic"), (1, "static")])
+@pytest.mark.parametrize("num_beams,decode", [(1, "dynamic"), (2, "dynamic"), (1, "static"), (2, "static")])
 def test_shared_prefixes_decode_the_unshared_tokens(tiny, images, family, num_beams, decode, monkeypatch):
     a, b = images[0], images[1]
     batch = [a, a, b, a, b]  # two images, asked about 3 and 2 times
