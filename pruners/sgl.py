@@ -47,7 +47,7 @@ from vlmkit.pruners.base import Pruner
 from vlmkit.pruners.select import raster_index, top_indices, top_visual, visual_counts
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.hooks import (AttentionRequest, GenerationContext, Intervention, LayerState, Selection,
-                                  VisualTokens)
+                                  VisualTokens, last_visual_index)
 
 
 class _Grids(Intervention):
@@ -68,8 +68,7 @@ class _VisualMass(Intervention):
 
     def attention(self, ctx: GenerationContext, layer: int, state: LayerState) -> AttentionRequest:
         index = torch.arange(state.valid.shape[1], device=state.valid.device)
-        last_visual = torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True)
-        return AttentionRequest(mass_queries=state.valid & (index > last_visual))
+        return AttentionRequest(mass_queries=state.valid & (index > last_visual_index(state.is_visual)[:, None]))
 
     def after_layer(self, ctx, layer: int, state: LayerState, attention) -> None:
         mass = attention.key_mass.sum(dim=1)

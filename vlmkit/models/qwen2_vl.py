@@ -102,21 +102,21 @@ class Qwen2VLAdapter(Adapter):
     def _vision_layout(self, grid_thw: torch.Tensor, grids: tuple) -> _VisionLayout | None:
         """The tower's precomputed layout for these grids (cached), or None without ``transformers.vision_utils``."""
         try:
-            from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+            from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
         except ImportError:
             return None
 
         def compute() -> _VisionLayout:
-            tower = self.vision_tower
-            cu_seqlens, _ = get_vision_attention_seqlens(grid_thw, tower.config)
+            cu_seqlens = get_vision_cu_seqlens(grid_thw)
             kwargs = {"position_ids": get_vision_position_ids(grid_thw, self.merge_size), "cu_seqlens": cu_seqlens,
                       "max_seqlen": _longest(cu_seqlens)}
-            window_index = self._window_index(grid_thw)
-            if window_index is not None:
-                window_index, cu_window_seqlens = window_index
-                kwargs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
-                              max_window_seqlen=_longest(cu_window_seqlens))
-            return _VisionLayout(kwargs, None if window_index is None else torch.argsort(window_index))
+            windows = self._window_index(grid_thw)
+            if windows is None:
+                return _VisionLayout(kwargs, None)
+            window_index, cu_window_seqlens = windows
+            kwargs.update(window_index=window_index, cu_window_seqlens=cu_window_seqlens,
+                          max_window_seqlen=_longest(cu_window_seqlens))
+            return _VisionLayout(kwargs, torch.argsort(window_index))
 
         return self._vision_layouts.get(grids, compute)
 

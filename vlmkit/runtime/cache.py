@@ -53,6 +53,15 @@ class LayeredKVCache:
     def shared_prefix(self, layer: int) -> SharedPrefix | None:
         return None if self.prefixes is None else self.prefixes[layer]
 
+    @property
+    def batch_size(self) -> int:
+        return self.prefixes[0].rows.shape[0] if self.prefixes is not None else self.keys[0].shape[0]
+
+    def key_template(self, layer: int) -> torch.Tensor:
+        """A tensor with the layer's key heads, head size, dtype and device: its own keys or, before it stores any,
+        its shared prefix's."""
+        return self.keys[layer] if self.keys[layer] is not None else self.prefixes[layer].keys
+
     def reorder(self, index: torch.Tensor) -> None:
         """Select (and repeat) batch rows, for beam search; shared prefixes are not copied (only their row index)."""
         for layer, (key, value) in enumerate(zip(self.keys, self.values)):

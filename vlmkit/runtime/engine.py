@@ -37,7 +37,7 @@ from vlmkit.kernels.masks import TritonMask, segment_mask
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
-from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection
+from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection, last_visual_index
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
 from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, decoder_layout, static_decoder
 from vlmkit.runtime.static_prefill import (
@@ -394,9 +394,8 @@ class Engine:
             return None
         ids = batch.input_ids
         index = torch.arange(ids.shape[1], device=ids.device)
-        last_visual = torch.where(batch.is_visual, index, -1).amax(dim=1)
-        first_real = torch.where(batch.attention_mask.bool(), index, ids.shape[1]).amin(dim=1)
-        starts, stops = torch.stack([first_real, last_visual + 1]).tolist()  # rows are left-padded
+        first_real = torch.where(batch.attention_mask.bool(), index, ids.shape[1]).amin(dim=1)  # rows are left-padded
+        starts, stops = torch.stack([first_real, last_visual_index(batch.is_visual) + 1]).tolist()
         if min(stops) < 1 or max(stops) == ids.shape[1]:
             return None
         rows = ids.tolist()
@@ -409,7 +408,7 @@ class Engine:
         after the vision-side pruner: the groups that may share one prefill, or None. Each row is compared with its
         image's first row at once; rows that differ (a pruner chose per row) are then matched one by one."""
         index = torch.arange(state.valid.shape[1], device=state.valid.device)
-        in_prefix = state.valid & (index <= torch.where(state.is_visual, index, -1).amax(dim=1, keepdim=True))
+        in_prefix = state.valid & (index <= last_visual_index(state.is_visual)[:, None])
         prefix = Engine.compact(state, in_prefix)  # equal prefixes: equal rows, left-padded alike
         positions = prefix.positions if prefix.positions.dim() == 3 else prefix.positions.unsqueeze(0)
         image_group = image_group.tolist()
@@ -628,9 +627,7 @@ def _pack_groups(state: LayerState, groups: torch.Tensor,
     """The sequences ``[prefix of the group's first row, rest of each of its rows]`` (left-padded), each token's
     segment (0: the prefix, ``b + 1``: row ``b``'s rest) and each row's last token in its group's sequence."""
     length = state.valid.shape[1]
-    index = torch.arange(length, device=state.valid.device)
-    last_visual = torch.where(state.is_visual, index, -1).amax(dim=1)
-    real, rest = torch.stack([state.valid.sum(dim=1), length - 1 - last_visual]).tolist()  # rows are left-padded
+    real, rest = torch.stack([state.valid.sum(dim=1), length - 1 - last_visual_index(state.is_visual)]).tolist()
     members: list[list[int]] = [[] for _ in leaders]
     for row, group in enumerate(groups.tolist()):
         members[group].append(row)

@@ -109,6 +109,12 @@ class AttentionRequest:
     probs_mod: ProbsMod | None = None
 
 
+def last_visual_index(is_visual: torch.Tensor) -> torch.Tensor:
+    """``[B]``: each row's position of its last visual token (-1 for a row without any), from ``is_visual [B, L]``."""
+    index = torch.arange(is_visual.shape[1], device=is_visual.device)
+    return torch.where(is_visual, index, -1).amax(dim=1)
+
+
 @dataclass
 class LayerState:
     """The sequence as it stands at a layer boundary (prefill or one decode step)."""
@@ -124,7 +130,7 @@ class LayerState:
     def text_after_visual(self) -> torch.Tensor:
         """[B, L] bool: real text tokens that come after the row's last visual token (the prompt's question)."""
         index = torch.arange(self.valid.shape[1], device=self.valid.device)
-        last_visual = torch.where(self.is_visual, index, -1).amax(dim=1, keepdim=True)
+        last_visual = last_visual_index(self.is_visual)[:, None]
         return self.valid & ~self.is_visual & (index > last_visual) & (last_visual >= 0)
 
     @property

@@ -40,10 +40,10 @@ class StaticKVCache:
     ``prefix_capacity`` slots per prefix, the prefixes themselves copied once (not once per row)."""
 
     def __init__(self, like: LayeredKVCache, capacities: list[int], prefix_capacity: int = 0):
-        batch = _batch_size(like)
+        batch = like.batch_size
         self.keys, self.values, self.valid = [], [], []
         for layer, capacity in enumerate(capacities):
-            template = like.keys[layer] if like.keys[layer] is not None else like.prefixes[layer].keys
+            template = like.key_template(layer)
             for buffers in (self.keys, self.values):
                 buffers.append(template.new_zeros(batch, template.shape[1], capacity, template.shape[-1]))
             self.valid.append(torch.zeros(batch, capacity, dtype=torch.bool, device=template.device))
@@ -148,7 +148,7 @@ def decoder_layout(cache: LayeredKVCache, next_position: torch.Tensor, max_new_t
     if cache.prefixes is not None:
         shared = cache.prefixes[0].keys
         prefixes = (shared.shape[0], round_up(shared.shape[-2], CAPACITY_BUCKET))
-    template = cache.keys[0] if cache.keys[0] is not None else cache.prefixes[0].keys
+    template = cache.key_template(0)
     return next_position.shape[0], capacities, prefixes, template.dtype, str(template.device)
 
 
@@ -158,7 +158,3 @@ def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.T
         layout, lambda: StaticDecoder(engine, cache, list(layout[1]), layout[2][1], next_position))
     decoder.start(cache, next_position)
     return decoder
-
-
-def _batch_size(cache: LayeredKVCache) -> int:
-    return cache.prefixes[0].rows.shape[0] if cache.prefixes is not None else cache.keys[0].shape[0]
