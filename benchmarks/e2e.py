@@ -17,10 +17,15 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * POPE-style throughput (``--throughput``, default dense only): questions per second for one-word answers (3 new
   tokens) at batch 16 and 64, wall time including image processing for both, with 1 and with 6 questions per image
   (POPE asks 6 about each image; vlmkit then processes each image and prefills its prompt prefix once, HF has no
-  such reuse). vlmkit's figures follow two warm-up calls (the second call of a batch layout captures its decode
+  such reuse). HF: ``generate`` calls one after another. vlmkit: ``questions_per_s`` runs the batches through
+  ``VLM.generate_batches`` over 8 batches (the evaluation loop: the next batch's image processing and tokenization
+  run on a worker thread while this batch is on the GPU); ``questions_per_s_one_call_at_a_time`` makes one ``generate`` call after
+  another. vlmkit's figures follow two warm-up calls (the second call of a batch layout captures its decode
   graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
   call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how
-  the timed calls decoded.
+  the timed calls decoded; ``warm_up_s`` the two warm-up calls (with ``compile=True``, the first compiles).
+  ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of prefills not replayed as graphs run through
+  ``torch.compile``).
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
   ``answers_differing_from_unshared`` counts the rows that differ, and ``unshared_answers_differing_from_batch_1``
   the unshared batch's rows that differ from asking each question alone (bf16 rounding depends on the batch layout).
@@ -63,6 +68,7 @@ COMBINED = [("divprune:keep={keep}", "vista")]  # divprune: runs on both familie
 PROMPT = "Describe the image in detail."
 QUESTION = "Is there a {} in the image? Answer the question using a single word or phrase."
 OBJECTS = ["dog", "car", "cup", "person", "chair", "bird"]
+PIPELINED_BATCHES = 8  # batches per pipelined throughput figure (VLM.generate_batches)
 TTFT_TARGET_MS, DECODE_TARGET_MS, THROUGHPUT_TARGET = 20, 10, 5  # issue #9's targets (TTFT: 64 kept visual tokens;
 # decode: dense; throughput: times HF batched generate)
 
@@ -199,15 +205,22 @@ class Bench:
         """Questions per second and where a call's time goes; with several questions per image, also whether the
         shared-prefix answers are the unshared ones."""
         images, questions = self.pope_batch(batch, per_image)
+        started = now(self.device)
         for _ in range(2):  # warm-up: Triton compiles; the second call of a layout captures its decode graph
             answers = vlm.generate(images, questions, max_new_tokens=3)
+        warm_up_s = now(self.device) - started
         calls = []
         started = now(self.device)
         for _ in range(self.repeats):
             call_started = now(self.device)
             stats = vlm.generate(images, questions, max_new_tokens=3)[0].stats
             calls.append((now(self.device) - call_started, stats["prefill_s"], stats["decode_s"]))
-        result = {"questions_per_s": batch * self.repeats / (now(self.device) - started),
+        one_at_a_time = batch * self.repeats / (now(self.device) - started)
+        started = now(self.device)
+        for _ in vlm.generate_batches([(images, questions)] * PIPELINED_BATCHES, max_new_tokens=3):
+            pass
+        result = {"questions_per_s": batch * PIPELINED_BATCHES / (now(self.device) - started),
+                  "questions_per_s_one_call_at_a_time": one_at_a_time, "warm_up_s": warm_up_s,
                   "decode_path": "cuda-graph" if vlm.engine.static_decoders.items else "dynamic"}
         for index, part in enumerate(("call_ms", "prefill_ms", "decode_ms")):
             result[part] = 1e3 * statistics.median(call[index] for call in calls)
@@ -277,12 +290,12 @@ def run(args: argparse.Namespace) -> None:
             bench.results["throughput"].append({"config": "hf-sdpa", "batch": batch, "questions_per_image": per_image,
                                                 "questions_per_s": bench.hf_throughput(batch, per_image)})
             bench.save()
-    def with_vlmkit(pruner=None, decoders=()):
+    def with_vlmkit(pruner=None, decoders=(), compile=False):
         return lambda mode: vlmkit.wrap(model, processor, pruner=pruner, decoders=list(decoders), decode=mode,
-                                        prefill=mode)
+                                        prefill=mode, compile=compile)
 
     wanted = set(args.only or [])
-    configs = {"vlmkit-dense": with_vlmkit()}
+    configs = {"vlmkit-dense": with_vlmkit(), "vlmkit-dense-compiled": with_vlmkit(compile=True)}
     configs.update({p: with_vlmkit(pruner=p) for p in
                     [f"{p}:keep={args.keep}" for p in PRUNERS] + [p.format(keep=args.keep) for p in EXTRA_PRUNERS]})
     if args.model == "llava-1.5-7b" and not args.tiny:

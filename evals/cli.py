@@ -77,6 +77,8 @@ def add_parser(subparsers) -> None:
                            help="evaluate only the first N items, per split for POPE (world set default: "
                                 f"{world_limits})")
         model.add_argument("--device")
+        model.add_argument("--compile", action="store_true",
+                           help="torch.compile the decoder layers of large prefills (vlmkit.wrap(compile=True))")
         model.add_argument("--dtype")
         model.add_argument("--no-progress", action="store_true", help="no progress bar")
         sub.set_defaults(func=run_eval)
@@ -192,7 +194,7 @@ def _run_model(args) -> int:
     base = vlmkit.load(name, decoders=args.decoder, device=device, dtype=args.dtype)
     results = []
     for spec in pruners:
-        vlm = vlmkit.wrap(base.model, base.processor, pruner=spec, decoders=args.decoder)
+        vlm = vlmkit.wrap(base.model, base.processor, pruner=spec, decoders=args.decoder, compile=args.compile)
         run_dir = out / _slug(spec) if len(pruners) > 1 else out
         model = tasks.ModelRun(vlm, name, spec, args.decoder, args.max_new_tokens, args.batch_size, shard,
                                not args.no_progress)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +31,10 @@ MERGED = "predictions.jsonl"
 #: manifest sections that may change between runs into one folder (recorded, not compared)
 UNCOMPARED = ("versions", "created", "run")
 PACKAGES = ("vlmkit", "torch", "transformers", "tokenizers", "pillow", "nltk", "pycocotools")
+
+#: ``(images, prompts)`` batches in, one list of ``Generation`` per batch out, in order
+GenerateBatches = Callable[[Iterable[tuple[list, list[str]]]], Iterable[list]]
+
 
 def recorded_stats(stats: dict) -> dict:
     """The per-row stats a prediction record keeps: token counts, FLOPs and the methods' own reports (``sgl_exit``,
@@ -164,8 +168,13 @@ def shard_from_env() -> Shard:
 
 # ---- the loop -------------------------------------------------------------------------------------------------
 
+def per_batch(generate: Callable[[list, list[str]], list]) -> GenerateBatches:
+    """A ``generate_batches`` for :func:`run` from a function that answers one batch ``(images, prompts)``."""
+    return lambda batches: (generate(images, prompts) for images, prompts in batches)
+
+
 def run(
-    generate: Callable[[list, list[str]], list],
+    generate_batches: GenerateBatches,
     items: Sequence[Item],
     out_dir: str | Path,
     manifest: dict,
@@ -177,8 +186,10 @@ def run(
 ) -> list[dict] | None:
     """Generate what is not on disk yet, then (rank 0) merge and return all records in item order.
 
-    ``generate(images, prompts)`` returns one ``Generation`` per prompt. Items are batched in order, so questions
-    about one image share a batch and the image is decoded once. Other ranks return None.
+    ``generate_batches`` takes an iterable of ``(images, prompts)`` batches and yields one list of ``Generation`` per
+    batch, in order: ``VLM.generate_batches``, which loads and processes the next batch while this one runs, or
+    :func:`per_batch`. Items are batched in order, so questions about one image share a batch and the image is
+    decoded once. Each batch's records are on disk before the next batch's are taken. Other ranks return None.
     """
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
@@ -195,23 +206,28 @@ def run(
         check_manifest(out_dir, manifest, write=False)
     done = store.done()
     todo = [item for index, item in enumerate(items) if index % shard.world == shard.rank and item.id not in done]
-    images: dict[str, object] = {}
+    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
     with tqdm(total=len(todo), desc=desc, unit="item", disable=not progress or shard.rank != 0) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            pil = []
-            for item in batch:
-                if item.image not in images:
-                    if len(images) > 4 * batch_size:
-                        images.clear()
-                    images[item.image] = load_image(item.image)
-                pil.append(images[item.image])
-            outputs = generate(pil, [item.prompt for item in batch])
+        for chunk, outputs in zip(chunks, generate_batches(_loaded(chunks, keep=4 * batch_size))):
             store.append([
                 {"id": item.id, **item.meta, "prompt": item.prompt, "text": out.text,
                  **recorded_stats(out.stats)}
-                for item, out in zip(batch, outputs)
+                for item, out in zip(chunk, outputs)
             ])
-            bar.update(len(batch))
+            bar.update(len(chunk))
     shard.barrier()
     return store.merge(ids) if shard.rank == 0 else None
+
+
+def _loaded(chunks: list[list[Item]], keep: int) -> Iterator[tuple[list, list[str]]]:
+    """Each chunk's images (one object per path, decoded once while at most ``keep`` are held) and prompts."""
+    images: dict[str, object] = {}
+    for chunk in chunks:
+        pil = []
+        for item in chunk:
+            if item.image not in images:
+                if len(images) > keep:
+                    images.clear()
+                images[item.image] = load_image(item.image)
+            pil.append(images[item.image])
+        yield pil, [item.prompt for item in chunk]

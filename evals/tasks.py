@@ -4,7 +4,7 @@ and scoring (also for predictions made elsewhere)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +35,8 @@ class ModelRun:
     shard: runner.Shard = field(default_factory=runner.Shard)
     progress: bool = True
 
-    def generate(self, images: list, prompts: list[str]) -> list:
-        return self.vlm.generate(images, prompts, max_new_tokens=self.max_new_tokens)
+    def generate_batches(self, batches: Iterable[tuple[list, list[str]]]) -> Iterator[list]:
+        return self.vlm.generate_batches(batches, max_new_tokens=self.max_new_tokens)
 
     def effective_batch_size(self) -> int:
         """1 when an attached method runs one sample at a time."""
@@ -49,7 +49,7 @@ class ModelRun:
                 "data": data, "scoring": scoring}
 
     def run(self, items: list[runner.Item], out: str | Path, manifest: dict, task: str) -> list[dict] | None:
-        return runner.run(self.generate, items, out, manifest, batch_size=self.effective_batch_size(),
+        return runner.run(self.generate_batches, items, out, manifest, batch_size=self.effective_batch_size(),
                           shard=self.shard, progress=self.progress, desc=task)
 
 

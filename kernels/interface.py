@@ -92,6 +92,7 @@ class LayerAttention:
                                               valid=self.prefix.valid.to(device))
 
 
+@torch.compiler.disable  # host-side dispatch and Triton launches: a compiled layer calls it outside its graphs
 def vlmkit_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

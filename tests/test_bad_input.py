@@ -112,3 +112,14 @@ def test_bad_generation_options(vlm, images):
     for options in ({"max_new_tokens": 0}, {"num_beams": 0}, {"top_p": 0.0}, {"do_sample": True, "temperature": 0}):
         with pytest.raises(VlmkitError):
             vlm.generate(images[0], "Describe the image.", **options)
+
+
+def test_bad_batch_in_a_pipeline_raises_in_its_turn(vlm, images):
+    """``generate_batches``: batches before a bad one are answered; the bad one raises when reached."""
+    answers = vlm.generate_batches([(images[0], "Describe the image."), (images[1], " "), (images[2], "Why?")],
+                                   max_new_tokens=2)
+    assert len(next(answers)) == 1
+    with pytest.raises(InputError, match="prompt 0 is empty"):
+        next(answers)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        next(vlm.generate_batches([(images[0], "Describe the image.")], max_new_tokens=0))

@@ -50,13 +50,13 @@ def items(image_dir, n=10):
 def test_resume_after_crash_and_torn_line(tmp_path, image_dir):
     out, manifest = tmp_path / "run", {"task": "test", "model": "fake"}
     with pytest.raises(Crash):
-        runner.run(FakeModel(crash_after=5), items(image_dir), out, manifest, batch_size=2, progress=False)
+        runner.run(runner.per_batch(FakeModel(crash_after=5)), items(image_dir), out, manifest, batch_size=2, progress=False)
     part = out / "predictions.part0.jsonl"
     assert len(part.read_text().splitlines()) == 4  # two full batches were fsynced before the crash
     with open(part, "a") as handle:  # a kill -9 in the middle of writing the fifth record
         handle.write('{"id": "q4", "n": 4, "prompt": "question 4", "te')
     second = FakeModel()
-    records = runner.run(second, items(image_dir), out, manifest, batch_size=2, progress=False)
+    records = runner.run(runner.per_batch(second), items(image_dir), out, manifest, batch_size=2, progress=False)
     assert second.prompts == [f"question {i}" for i in range(4, 10)]
     assert [r["id"] for r in records] == [f"q{i}" for i in range(10)]
     assert [r["text"] for r in records] == [f"yes question {i}" for i in range(10)]
@@ -64,17 +64,17 @@ def test_resume_after_crash_and_torn_line(tmp_path, image_dir):
     assert lines == records
     assert sorted(json.loads(line)["id"] for line in part.read_text().splitlines()) == sorted(r["id"] for r in records)
     third = FakeModel()
-    assert runner.run(third, items(image_dir), out, manifest, progress=False) == records and third.prompts == []
+    assert runner.run(runner.per_batch(third), items(image_dir), out, manifest, progress=False) == records and third.prompts == []
 
 
 def test_manifest_mismatch_is_refused(tmp_path, image_dir):
     out = tmp_path / "run"
-    runner.run(FakeModel(), items(image_dir, 2), out, {"task": "test", "model": "a"}, progress=False)
+    runner.run(runner.per_batch(FakeModel()), items(image_dir, 2), out, {"task": "test", "model": "a"}, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["run"]["batch_size"] == 1 and "torch" in manifest["versions"]
-    runner.run(FakeModel(), items(image_dir, 3), out, {"task": "test", "model": "a"}, batch_size=4, progress=False)
+    runner.run(runner.per_batch(FakeModel()), items(image_dir, 3), out, {"task": "test", "model": "a"}, batch_size=4, progress=False)
     with pytest.raises(ConfigError, match="differs in: model"):
-        runner.run(FakeModel(), items(image_dir, 2), out, {"task": "test", "model": "b"}, progress=False)
+        runner.run(runner.per_batch(FakeModel()), items(image_dir, 2), out, {"task": "test", "model": "b"}, progress=False)
 
 
 SHARD_SCRIPT = """
@@ -88,7 +88,7 @@ image_dir, out = sys.argv[1], sys.argv[2]
 vlm = vlmkit.wrap(*tiny_model("llava"))
 prompts = ["Describe the image.", "Is there a dog?"]
 items = [runner.Item(f"q{i}", f"{image_dir}/{i % 3}.png", prompts[i % 2]) for i in range(7)]
-generate = lambda images, texts: vlm.generate(images, texts, max_new_tokens=4)
+generate = lambda batches: vlm.generate_batches(batches, max_new_tokens=4)
 shard = runner.shard_from_env()
 runner.run(generate, items, f"{out}/two", {"task": "shard-test"}, shard=shard, progress=False)
 if shard.rank == 0:  # then the same items in one process (default Shard: world size 1)

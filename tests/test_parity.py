@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import vlmkit
-from vlmkit.testing import FAMILIES
+from vlmkit.testing import FAMILIES, tokens_of
 
 
 def hf_generate(model, processor, vlm, images, prompts, **kwargs) -> list[list[int]]:
@@ -50,3 +52,21 @@ def test_batched_equals_one_by_one(tiny, images, prompts, family):
     batched = vlm.generate(images, prompts, max_new_tokens=8)
     single = [vlm.generate(image, prompt, max_new_tokens=8)[0] for image, prompt in zip(images, prompts)]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_batches_equals_generate(tiny, images, prompts, family):
+    """The pipelined loop answers as batch-by-batch calls do, with the batches taken (images loaded, processor run)
+    on its worker thread; an image shared within a batch is still encoded once per batch."""
+    vlm = vlmkit.wrap(*tiny(family))
+    batches = [([images[0], images[0], images[1]], prompts[:3]), ([images[2]], prompts[:1]), (images[:2], prompts[1:3])]
+    taken_on = []
+
+    def source():
+        for batch in batches:
+            taken_on.append(threading.current_thread())
+            yield batch
+
+    pipelined = [tokens_of(answers) for answers in vlm.generate_batches(source(), max_new_tokens=6)]
+    assert pipelined == [tokens_of(vlm.generate(*batch, max_new_tokens=6)) for batch in batches]
+    assert len(taken_on) == len(batches) and threading.main_thread() not in taken_on

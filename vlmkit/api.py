@@ -1,13 +1,17 @@
-"""The Python API: ``load``, ``wrap`` and ``VLM.generate``."""
+"""The Python API: ``load``, ``wrap``, ``VLM.generate`` and ``VLM.generate_batches``."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from vlmkit import decoders as decoder_registry
@@ -16,6 +20,7 @@ from vlmkit.errors import ConfigError, InputError, ModelNotSupported
 from vlmkit.images import ImageLike, load_image
 from vlmkit.kernels import interface as attention_interface
 from vlmkit.models import ADAPTERS, Adapter, adapter_for
+from vlmkit.models.base import ProcessedBatch
 from vlmkit.runtime.engine import Engine, StreamCallback
 from vlmkit.runtime.hooks import GenerationContext, Intervention
 from vlmkit.runtime.sampling import SamplingConfig
@@ -47,6 +52,7 @@ class VLM:
         attn: str = "auto",
         decode: str = "auto",
         prefill: str = "auto",
+        compile: bool = False,
     ):
         if attn not in ATTENTION_BACKENDS:
             raise ConfigError(f"unknown attention backend {attn!r}; choose one of {ATTENTION_BACKENDS}")
@@ -59,7 +65,7 @@ class VLM:
         self.pruner = pruner_registry.create_from_spec(pruner) if isinstance(pruner, str) else pruner
         self.decoders = [decoder_registry.create_from_spec(d) if isinstance(d, str) else d for d in decoders]
         self.engine = Engine(self.adapter, self.interventions, attention_backend=attn, decode=decode,
-                             prefill=prefill)
+                             prefill=prefill, compile=compile)
 
     @property
     def interventions(self) -> list[Intervention]:
@@ -83,6 +89,38 @@ class VLM:
         """Answer each prompt about its image. ``stream(row, text_delta)`` is called as text is produced
         (greedy and sampling only); generation of a row ends at EOS, at a ``stop`` string or after
         ``max_new_tokens``."""
+        options = _Options.checked(max_new_tokens, do_sample, num_beams, temperature, top_p, top_k, seed, stop,
+                                   stream)
+        return self._generate(self._request(self.adapter, images, prompts), options)
+
+    def generate_batches(
+        self, batches: Iterable[tuple[ImageLike | Sequence[ImageLike], str | Sequence[str]]], **options
+    ) -> Iterator[list[Generation]]:
+        """:meth:`generate` (``options``: its keywords) for each ``(images, prompts)`` batch, yielded in order. The
+        next batch is taken from ``batches`` and prepared (images loaded and checked, the processor, tokenization)
+        on a worker thread while this one runs on the model, so that an evaluation's host work hides behind its
+        GPU work. A batch whose input is bad raises when its turn comes, after the batches before it."""
+        checked = _Options.checked(**options)
+        worker = self._worker_adapter  # its own processor: fast tokenizers refuse use from two threads at once
+        batches = iter(batches)
+
+        def next_request() -> _Request | None:
+            batch = next(batches, None)
+            return None if batch is None else self._request(worker, *batch)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmkit-prepare") as pool:
+            pending = pool.submit(next_request)
+            while (request := pending.result()) is not None:
+                pending = pool.submit(next_request)
+                yield self._generate(request, checked)
+
+    @functools.cached_property
+    def _worker_adapter(self) -> Adapter:
+        return self.adapter.with_processor(copy.deepcopy(self.processor))
+
+    def _request(self, adapter: Adapter, images: ImageLike | Sequence[ImageLike],
+                 prompts: str | Sequence[str]) -> _Request:
+        """Checked, loaded and processed inputs on the host (no CUDA call)."""
         images, prompts = _as_list(images), _as_list(prompts)
         if len(images) != len(prompts):
             raise InputError(f"got {len(images)} images but {len(prompts)} prompts; pass one image per prompt")
@@ -91,6 +129,41 @@ class VLM:
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise InputError(f"prompt {index} is empty; write a question or instruction about the image")
+        if len(prompts) > 1:
+            for method in self.interventions:
+                if not method.supports_batch:
+                    raise ConfigError(f"{method.name!r} runs one sample at a time; pass a single prompt")
+        pil_images = [load_image(image) for image in images]
+        return _Request(pil_images, list(prompts), adapter.process(pil_images, list(prompts)))
+
+    def _generate(self, request: _Request, options: _Options) -> list[Generation]:
+        ctx = GenerationContext(adapter=self.adapter, prompts=request.prompts, images=request.images)
+        rows = self.engine.generate(
+            ctx, self.adapter.to_device(request.processed), max_new_tokens=options.max_new_tokens,
+            sampling=options.sampling, seed=options.seed, stop=options.stop, stream=options.stream,
+        )
+        return [Generation(text=row.text, token_ids=row.token_ids, stats=row.stats) for row in rows]
+
+
+@dataclass(frozen=True)
+class _Request:
+    images: list[Image.Image]
+    prompts: list[str]
+    processed: ProcessedBatch
+
+
+@dataclass(frozen=True)
+class _Options:
+    max_new_tokens: int
+    sampling: SamplingConfig
+    seed: int | None
+    stop: Sequence[str]
+    stream: StreamCallback | None
+
+    @classmethod
+    def checked(cls, max_new_tokens: int = 128, do_sample: bool = False, num_beams: int = 1,
+                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                stop: Sequence[str] = (), stream: StreamCallback | None = None) -> _Options:
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if num_beams < 1:
@@ -99,18 +172,7 @@ class VLM:
             raise ConfigError(f"temperature must be positive when sampling, got {temperature}")
         if not 0 < top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
-        if len(prompts) > 1:
-            for method in self.interventions:
-                if not method.supports_batch:
-                    raise ConfigError(f"{method.name!r} runs one sample at a time; pass a single prompt")
-        pil_images = [load_image(image) for image in images]
-        batch = self.adapter.prepare(pil_images, list(prompts))
-        ctx = GenerationContext(adapter=self.adapter, prompts=list(prompts), images=pil_images)
-        sampling = SamplingConfig(do_sample, temperature, top_p, top_k, num_beams)
-        rows = self.engine.generate(
-            ctx, batch, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop=stop, stream=stream
-        )
-        return [Generation(text=row.text, token_ids=row.token_ids, stats=row.stats) for row in rows]
+        return cls(max_new_tokens, SamplingConfig(do_sample, temperature, top_p, top_k, num_beams), seed, stop, stream)
 
 
 def wrap(
@@ -122,6 +184,7 @@ def wrap(
     attn: str = "auto",
     decode: str = "auto",
     prefill: str = "auto",
+    compile: bool = False,
 ) -> VLM:
     """Attach vlmkit to an already loaded model. Its language model's attention is set to ``"vlmkit"`` (which
     behaves like sdpa in the model's own ``forward`` and ``generate``); a Qwen vision tower's to
@@ -132,8 +195,11 @@ def wrap(
     (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as CUDA graphs
     of bucketed length on CUDA, except the layers where a method acts (methods say which; decoders keep the eager
     walk), for batches of up to 2048 bucketed tokens; ``"static"`` runs the bucketed segments on any device and size;
-    ``"dynamic"`` never (``vlmkit.runtime.static_prefill``)."""
-    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode, prefill=prefill)
+    ``"dynamic"`` never (``vlmkit.runtime.static_prefill``). ``compile=True`` runs the decoder layers of prefills
+    that are not replayed as graphs (larger ones, or with a method acting in them) through ``torch.compile``, which
+    fuses their element-wise work; the first such prefill waits for the compilation (docs/performance.md)."""
+    return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode, prefill=prefill,
+               compile=compile)
 
 
 def load(
@@ -146,6 +212,7 @@ def load(
     attn: str = "auto",
     decode: str = "auto",
     prefill: str = "auto",
+    compile: bool = False,
     device_map: str | dict | None = None,
 ) -> VLM:
     """Load a hub id, a local folder or ``"builtin:NAME"`` and wrap it.
@@ -176,7 +243,7 @@ def load(
     if device_map is None:
         hf_model = hf_model.to(device)
     return wrap(hf_model.eval(), processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode,
-                prefill=prefill)
+                prefill=prefill, compile=compile)
 
 
 BUILTIN_DIR = Path(__file__).parent / "world" / "checkpoints"

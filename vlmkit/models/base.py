@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from abc import ABC, abstractmethod
@@ -32,6 +33,18 @@ class PreparedBatch:
         return self.input_ids.shape[0]
 
 
+@dataclass
+class ProcessedBatch:
+    """The processor's output for a batch, on the host, before :meth:`Adapter.to_device`. ``vision_inputs`` holds
+    each distinct image once when ``image_of_row`` (each row's image) is set, else one image per row."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row family inputs (none with image_of_row)
+    image_of_row: list[int] | None = None
+
+
 class Adapter(ABC):
     """Base adapter. Subclasses fill in the family-specific parts."""
 
@@ -45,6 +58,12 @@ class Adapter(ABC):
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.config = model.config
+
+    def with_processor(self, processor: ProcessorMixin) -> Adapter:
+        """This adapter with another processor (a copy for a worker thread's :meth:`process`)."""
+        other = copy.copy(self)
+        other.processor, other.tokenizer = processor, getattr(processor, "tokenizer", processor)
+        return other
 
     # -- language model -------------------------------------------------------------------------------------------
     @property
@@ -110,8 +129,13 @@ class Adapter(ABC):
         """The family's prompt format, for processors without a chat template."""
 
     def prepare(self, images: list[Image.Image], prompts: list[str]) -> PreparedBatch:
-        """Run the processor on chat prompts, left-padded. An image object that several rows ask about (POPE asks six
-        questions per image) is processed once: the processor runs on the distinct images with their first rows'
+        """The batch of (image, prompt) pairs on the model's device: :meth:`process`, then :meth:`to_device`."""
+        return self.to_device(self.process(images, prompts))
+
+    def process(self, images: list[Image.Image], prompts: list[str]) -> ProcessedBatch:
+        """Run the processor on chat prompts, left-padded, on the host (no CUDA call: safe on a worker thread that
+        prepares the next batch while the GPU runs this one). An image object that several rows ask about (POPE asks
+        six questions per image) is processed once: the processor runs on the distinct images with their first rows'
         prompts, and every row gets its image's placeholder count (``_tokenize_rows``)."""
         self.tokenizer.padding_side = "left"
         texts = [self.build_prompt(p) for p in prompts]
@@ -125,20 +149,26 @@ class Adapter(ABC):
             rows = self._tokenize_rows(texts, image_of_row, leaders, encoded["input_ids"], encoded["attention_mask"])
             if rows is None:  # placeholders not expanded as one repeated token: process every row's image
                 encoded = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-        device = self.device
-        encoded = {key: value.to(device) for key, value in encoded.items()}
+        encoded = dict(encoded)
         input_ids, attention_mask = encoded.pop("input_ids"), encoded.pop("attention_mask")
         vision_inputs, extra = self.split_processor_outputs(encoded)
-        if rows is not None:  # the distinct images' tensors repeated for their rows; no per-row extras
-            input_ids, attention_mask = rows[0].to(device), rows[1].to(device)
-            extra = {}
-            vision_inputs = self.select_vision_inputs(vision_inputs, image_of_row)
+        if rows is None:
+            return ProcessedBatch(input_ids, attention_mask, vision_inputs, extra)
+        return ProcessedBatch(rows[0], attention_mask=rows[1], vision_inputs=vision_inputs, image_of_row=image_of_row)
+
+    def to_device(self, processed: ProcessedBatch) -> PreparedBatch:
+        """The processed batch on the model's device, each row with its image's tensors."""
+        device = self.device
+        input_ids = processed.input_ids.to(device)
+        vision_inputs = {key: value.to(device) for key, value in processed.vision_inputs.items()}
+        if processed.image_of_row is not None:
+            vision_inputs = self.select_vision_inputs(vision_inputs, processed.image_of_row)
         return PreparedBatch(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=processed.attention_mask.to(device),
             is_visual=input_ids == self.image_token_id,
             vision_inputs=vision_inputs,
-            extra=extra,
+            extra={key: value.to(device) for key, value in processed.extra.items()},
         )
 
     def _tokenize_rows(self, texts: list[str], image_of_row: list[int], leaders: list[int], leader_ids: torch.Tensor,

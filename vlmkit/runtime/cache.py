@@ -27,6 +27,7 @@ class LayeredKVCache:
         self.valid: list[torch.Tensor | None] = [None] * num_layers
         self.prefixes: list[SharedPrefix] | None = None
 
+    @torch.compiler.disable  # a compiled layer (Engine(compile=True)) writes the cache outside its graphs
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         stored = self.keys[layer_idx]
         if stored is not None:

@@ -79,7 +79,7 @@ class Engine:
     """Runs generation for one adapter with one pruner and any number of decoders."""
 
     def __init__(self, adapter: Adapter, interventions: Sequence[Intervention] = (), attention_backend: str = "auto",
-                 decode: str = "auto", prefill: str = "auto", share_image_prefix: bool = True):
+                 decode: str = "auto", prefill: str = "auto", share_image_prefix: bool = True, compile: bool = False):
         for kind, mode in (("decode", decode), ("prefill", prefill)):
             if mode not in STATIC_MODES:
                 raise ConfigError(f"unknown {kind} mode {mode!r}; choose one of {STATIC_MODES}")
@@ -88,6 +88,7 @@ class Engine:
         self.attention_backend = attention_backend
         self.decode, self.prefill = decode, prefill
         self.share_image_prefix = share_image_prefix
+        self.compile = compile
         self.static_decoders = LRUPool(POOL_SIZE)
         self.last_short_layout: tuple | None = None  # the decode layout of the last call with a short answer
         self.static_prefills = LRUPool(SEGMENT_POOL_SIZE)
@@ -158,15 +159,17 @@ class Engine:
         start: int = 0, stop: int | None = None, hooks: bool = True, mask_mod: TritonMask | None = None,
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
         """Walk the decoder layers ``start`` to ``stop`` (default: the last) once; ``hooks=False`` calls no layer
-        hook (a static prefill segment); ``mask_mod`` narrows every layer's attention. Returns the final state, the
-        requested last-position hidden states and, in the prefill, the number of visual tokens of each row that each
-        walked layer processed."""
+        hook (a static prefill segment); ``mask_mod`` narrows every layer's attention. With ``compile``, a prefill
+        walk outside static segments runs the layers through ``torch.compile`` (:func:`compiled_layer_forward`).
+        Returns the final state, the requested last-position hidden states and, in the prefill, the number of visual
+        tokens of each row that each walked layer processed."""
         adapter = self.adapter
         prefill = ctx.step < 0
         attending = self._with("attention") if hooks else []
         pruners = self._with("after_layer") if prefill and hooks else []
         editors = self._with("edit_residual") if hooks else []
         rotary = adapter.rotary(state.hidden, state.positions)
+        forward = compiled_layer_forward() if self.compile and prefill and hooks else layer_forward
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
         for index, layer in enumerate(adapter.layers[start:stop], start=start):
@@ -174,15 +177,8 @@ class Engine:
                 visual_counts.append(state.is_visual.sum(dim=1))
             state.key_valid = cache.extend_valid(index, state.valid)
             call = self._attention_call(ctx, index, state, cache, attending, mask_mod)
-            state.hidden = layer(
-                state.hidden,
-                attention_mask=None,
-                position_ids=None,
-                **adapter.cache_argument(cache),
-                use_cache=True,
-                position_embeddings=rotary,
-                vlmkit_attention=call,
-            )
+            state.hidden = forward(layer, state.hidden, position_embeddings=rotary, vlmkit_attention=call,
+                                   **adapter.cache_argument(cache))
             for editor in editors:
                 if (edited := editor.edit_residual(ctx, index, state)) is not None:
                     state.hidden = edited
@@ -610,6 +606,28 @@ class _BeamDecoder(_TokenDecoder):
             steps.cache.reorder(parents)
             logits = steps.run(tokens, step)
         return [self._result(ids, None) for ids in search.best()]
+
+
+def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One stock decoder layer on the walk's hidden states; its attention gets the engine's request through
+    ``vlmkit_attention`` and the positions' rotary embedding through ``position_embeddings``."""
+    return layer(hidden, attention_mask=None, position_ids=None, use_cache=True, **kwargs)
+
+
+@functools.cache
+def compiled_layer_forward() -> Callable[..., torch.Tensor]:
+    """:func:`layer_forward` through ``torch.compile``: the layer's element-wise work (RMSNorm in float32, rotary
+    embedding, SiLU and product, residual adds) fused into a few kernels between the matrix products, for prefills too
+    large for CUDA graphs, which those unfused kernels slow by about a fifth (docs/performance.md). The cache write and
+    the attention call stay outside the compiled graphs (``torch.compiler.disable``). One compilation serves every
+    layer and every length: shapes are dynamic and the layer index (an int attribute, which torch.compile would
+    otherwise specialise one layer at a time) is not specialised. Rounding follows eager's casts
+    (``emulate_precision_casts``), though fused float32 reductions may still round a value differently."""
+    import torch._inductor.config as inductor
+
+    options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
+    compiled = torch.compile(layer_forward, dynamic=True, options=options)
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)(compiled)
 
 
 def _groups(keys: list, device: torch.device) -> tuple[torch.Tensor, list[int]] | None:

@@ -1,0 +1,24 @@
+"""``compile=True``: the prefill walk through torch.compile'd decoder layers gives the eager walk's tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+import vlmkit
+from vlmkit.runtime import engine
+from vlmkit.testing import tokens_of
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_compiled_layers_give_the_eager_tokens(tiny, images, prompts, family):
+    """Shared image prefixes (rows 0 and 1 ask about one image), a pruner acting inside the walk (FastV), beams."""
+    model, processor = tiny(family)
+    rows = [images[0], images[0], images[1]]
+    for options in ({"pruner": None}, {"pruner": "fastv:keep=4,layer=2"}):
+        eager = vlmkit.wrap(model, processor, prefill="dynamic", **options)
+        compiled = vlmkit.wrap(model, processor, prefill="dynamic", compile=True, **options)
+        for beams in (1, 2):
+            expected = eager.generate(rows, prompts[:3], max_new_tokens=6, num_beams=beams)
+            assert tokens_of(compiled.generate(rows, prompts[:3], max_new_tokens=6, num_beams=beams)) == \
+                tokens_of(expected)
+    assert engine.compiled_layer_forward.cache_info().currsize == 1
