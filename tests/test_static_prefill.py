@@ -8,6 +8,7 @@ import torch
 
 import vlmkit
 from vlmkit.runtime.cache import LayeredKVCache
+from vlmkit.runtime import graphs
 from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import GenerationContext, Intervention
 from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_segment
@@ -149,14 +150,36 @@ def test_graphed_calls_replay_fresh_inputs_and_keep_earlier_outputs():
     def forward(x):
         return (x @ weight).relu(), None
 
+    calls.run("f", forward, torch.randn(3, 8, device="cuda"))  # first call of a shape: eager
     first, second = torch.randn(3, 8, device="cuda"), torch.randn(3, 8, device="cuda")
-    out_first, nothing = calls.run("f", forward, first)
-    out_second, _ = calls.run("f", forward, second)
+    out_first, nothing = calls.run("f", forward, first)  # captured
+    out_second, _ = calls.run("f", forward, second)  # replayed
     assert nothing is None and len(calls.pool.items) == 1
     torch.testing.assert_close(out_first, forward(first)[0])  # not overwritten by the second replay
     torch.testing.assert_close(out_second, forward(second)[0])
-    calls.run("f", forward, torch.randn(5, 8, device="cuda"))  # another shape: another graph
+    for _ in range(2):
+        calls.run("f", forward, torch.randn(5, 8, device="cuda"))  # another shape: another graph
     assert len(calls.pool.items) == 2
+
+
+def test_a_shape_is_captured_on_its_second_call(monkeypatch):
+    """The policy without a GPU: a stand-in for the captured call counts captures and replays."""
+    captured = []
+
+    class Captured:
+        def __init__(self, fn, inputs):
+            captured.append(inputs[0].shape)
+            self.fn = fn
+
+        def __call__(self, *inputs):
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(graphs, "GraphedCall", Captured)
+    calls = GraphedCalls()
+    double = lambda x: (2 * x,)
+    for rows in (3, 3, 3, 5, 4, 5):
+        assert torch.equal(calls.run("f", double, torch.ones(rows, 2))[0], torch.full((rows, 2), 2.0))
+    assert captured == [(3, 2), (5, 2)]  # (4, 2) was called once: eager, never captured
 
 
 def test_graphs_only_for_a_model_on_one_gpu(tiny, monkeypatch):

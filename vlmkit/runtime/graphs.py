@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 import torch
 
 POOL_SIZE = 2  # static decoders and graphed vision calls kept per engine, least recently used dropped first
+SEEN_ONCE_KEPT = 64  # shapes remembered after one eager call, so that their second call captures a graph
 
 T = TypeVar("T")
 
@@ -70,12 +71,22 @@ class GraphedCall:
 class GraphedCalls:
     """Pure tensor functions, each replayed as a CUDA graph per (name, input shapes); for a fixed-shape forward such
     as a ViT on one image size. ``fn`` must have no host synchronisation and no output that depends on Python state
-    other than ``name``."""
+    other than ``name``. A shape's graph is captured on its second call (the first runs eagerly): a capture costs
+    about two eager calls, so shapes seen once (a one-off call, an evaluation's images of varied sizes) never pay
+    for one."""
 
     def __init__(self, size: int = POOL_SIZE):
         self.pool: LRUPool[GraphedCall] = LRUPool(size)
+        self.seen_once: OrderedDict[tuple, None] = OrderedDict()  # keys called once, the oldest first
 
     def run(self, name: str, fn: Callable[..., tuple[torch.Tensor | None, ...]],
             *inputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         key = (name, *((tuple(x.shape), x.dtype, str(x.device)) for x in inputs))
+        if key not in self.pool.items:
+            if key not in self.seen_once:
+                self.seen_once[key] = None
+                while len(self.seen_once) > SEEN_ONCE_KEPT:
+                    self.seen_once.popitem(last=False)
+                return fn(*inputs)
+            del self.seen_once[key]
         return self.pool.get(key, lambda: GraphedCall(fn, inputs))(*inputs)

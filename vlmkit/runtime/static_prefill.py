@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 LAYER_HOOKS = ("attention", "after_layer", "edit_residual")
 LENGTH_BUCKET = 64  # the packed length is rounded up to a multiple of this (the Triton kernel's key block divides it)
 MAX_GRAPH_TOKENS = 2048  # "auto": batch x bucketed length up to this; longer prefills are compute-bound
-MAX_GRAPH_IMAGES = 4  # the vision forward replays as a graph (adapters that allow it) for batches up to this
+MAX_GRAPH_IMAGES = 16  # the vision forward replays as a graph (adapters that allow it) for up to this many images
 SEGMENT_POOL_SIZE = 6  # segments (each with its graph's own memory pool) kept per engine, least recently used dropped
 
 
