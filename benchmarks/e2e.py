@@ -373,7 +373,7 @@ def plot_throughput(ax, result: dict) -> None:
     ax.set_xticks([i + width * (len(configs) - 1) / 2 for i in range(len(layouts))],
                   [f"batch {b}\n{q} per image" for b, q in layouts], fontsize=7)
     ax.set_ylabel("questions/s over HF generate's; dashed: #9 target")
-    ax.set_title(f"{result['model']}: POPE-style throughput (HF: dense)", fontsize=9)
+    ax.set_title(f"{result['model']}: POPE-style throughput, generate_batches (HF: dense generate)", fontsize=9)
     ax.legend(fontsize=7)
 
 

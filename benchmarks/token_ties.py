@@ -3,8 +3,9 @@
     cd benchmarks && python token_ties.py   # on a GPU: the 7B shapes, in bf16
 
 ``e2e.py``'s ``tokens_match_dynamic`` says whether a configuration's CUDA-graph path gives the eager layer walk's
-greedy tokens. For each configuration here (the ones that differed in a run, and fastv as a control) this prints the
-first token where the two differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
+greedy tokens. For each configuration here (the ones that differed in a run, fastv as a control, and the eager walk
+through ``torch.compile``'d layers, ``compile=True``) this prints the first token where the fast path and the eager
+walk differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
 decoder, which keeps the walk eager) and the score the eager walk gave the graph path's token. A margin of 0 or one
 bf16 step means the two paths split a tie by rounding, not by computing something else.
 """
@@ -17,8 +18,11 @@ import vlmkit
 from e2e import PROMPT, LogitRecorder, random_images
 from vlmkit.testing import SHAPED, shaped_model
 
-CONFIGS = {"llava-1.5-7b": ["dyvte:exit_layer=2", "fastv:keep=64"],
-           "qwen2.5-vl-7b": ["pdrop:keep=64", "dyvte:exit_layer=2", "fastv:keep=64"]}
+COMPILED_WALK = {"compile": True, "decode": "dynamic", "prefill": "dynamic"}
+#: per model: (pruner, the fast path's options: {} for CUDA graphs)
+CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}), (None, COMPILED_WALK)],
+           "qwen2.5-vl-7b": [("pdrop:keep=64", {}), ("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}),
+                             (None, COMPILED_WALK)]}
 NEW_TOKENS = 32
 
 
@@ -26,23 +30,24 @@ def main() -> None:
     for model_name, specs in CONFIGS.items():
         model, processor = shaped_model(model_name, dtype=torch.bfloat16, device="cuda")
         image = random_images(1, SHAPED[model_name][1]["image_size"])[0]
-        for spec in specs:
+        for spec, fast_path in specs:
             def tokens(**kwargs) -> list[int]:
                 vlm = vlmkit.wrap(model, processor, pruner=spec, **kwargs)
                 return vlm.generate(image, PROMPT, max_new_tokens=NEW_TOKENS)[0].token_ids
 
-            fast = tokens()
+            name = f"{spec or 'dense'}{' (compiled walk)' if fast_path.get('compile') else ''}"
+            fast = tokens(**fast_path)
             slow = tokens(decode="dynamic", prefill="dynamic")
             recorder = LogitRecorder()
             assert tokens(decoders=[recorder], decode="dynamic", prefill="dynamic") == slow
             step = next((i for i, (a, b) in enumerate(zip(fast, slow)) if a != b), None)
             if step is None:
-                print(model_name, spec, "same tokens", flush=True)
+                print(model_name, name, "same tokens", flush=True)
                 continue
             logits = recorder.seen[step][0].float()
             top = logits.topk(2)
-            print(model_name, spec, f"first difference at token {step} of {len(slow)}; eager top-2 margin "
-                  f"{float(top.values[0] - top.values[1]):.4f}; the graph path's token scores "
+            print(model_name, name, f"first difference at token {step} of {len(slow)}; eager top-2 margin "
+                  f"{float(top.values[0] - top.values[1]):.4f}; the fast path's token scores "
                   f"{float(logits[fast[step]]):.3f} vs the eager top {float(top.values[0]):.3f}; logit scale (std) "
                   f"{float(logits.std()):.3f}", flush=True)
         del model
