@@ -17,9 +17,9 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
 * POPE-style throughput (``--throughput``, default dense only): questions per second for one-word answers (3 new
   tokens) at batch 16 and 64, wall time including image processing for both, with 1 and with 6 questions per image
   (POPE asks 6 about each image; vlmkit then processes each image and prefills its prompt prefix once, HF has no
-  such reuse). HF: ``generate`` calls one after another. vlmkit: ``questions_per_s`` runs the batches through
-  ``VLM.generate_batches`` over 8 batches (the evaluation loop: the next batch's image processing and tokenization
-  run on a worker thread while this batch is on the GPU); ``questions_per_s_one_call_at_a_time`` makes one ``generate`` call after
+  such reuse). HF: ``generate`` calls one after another. vlmkit: ``questions_per_s`` runs 8 batches through
+  ``VLM.generate_batches`` (the evaluation loop: the next batch's image processing and tokenization run on a worker
+  thread while this batch is on the GPU); ``questions_per_s_one_call_at_a_time`` makes one ``generate`` call after
   another. vlmkit's figures follow two warm-up calls (the second call of a batch layout captures its decode
   graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
   call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how

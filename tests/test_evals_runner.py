@@ -50,7 +50,8 @@ def items(image_dir, n=10):
 def test_resume_after_crash_and_torn_line(tmp_path, image_dir):
     out, manifest = tmp_path / "run", {"task": "test", "model": "fake"}
     with pytest.raises(Crash):
-        runner.run(runner.per_batch(FakeModel(crash_after=5)), items(image_dir), out, manifest, batch_size=2, progress=False)
+        runner.run(runner.per_batch(FakeModel(crash_after=5)), items(image_dir), out, manifest, batch_size=2,
+                   progress=False)
     part = out / "predictions.part0.jsonl"
     assert len(part.read_text().splitlines()) == 4  # two full batches were fsynced before the crash
     with open(part, "a") as handle:  # a kill -9 in the middle of writing the fifth record
@@ -64,17 +65,19 @@ def test_resume_after_crash_and_torn_line(tmp_path, image_dir):
     assert lines == records
     assert sorted(json.loads(line)["id"] for line in part.read_text().splitlines()) == sorted(r["id"] for r in records)
     third = FakeModel()
-    assert runner.run(runner.per_batch(third), items(image_dir), out, manifest, progress=False) == records and third.prompts == []
+    assert runner.run(runner.per_batch(third), items(image_dir), out, manifest, progress=False) == records
+    assert third.prompts == []
 
 
 def test_manifest_mismatch_is_refused(tmp_path, image_dir):
     out = tmp_path / "run"
-    runner.run(runner.per_batch(FakeModel()), items(image_dir, 2), out, {"task": "test", "model": "a"}, progress=False)
+    run = runner.per_batch(FakeModel())
+    runner.run(run, items(image_dir, 2), out, {"task": "test", "model": "a"}, progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["run"]["batch_size"] == 1 and "torch" in manifest["versions"]
-    runner.run(runner.per_batch(FakeModel()), items(image_dir, 3), out, {"task": "test", "model": "a"}, batch_size=4, progress=False)
+    runner.run(run, items(image_dir, 3), out, {"task": "test", "model": "a"}, batch_size=4, progress=False)
     with pytest.raises(ConfigError, match="differs in: model"):
-        runner.run(runner.per_batch(FakeModel()), items(image_dir, 2), out, {"task": "test", "model": "b"}, progress=False)
+        runner.run(run, items(image_dir, 2), out, {"task": "test", "model": "b"}, progress=False)
 
 
 SHARD_SCRIPT = """
