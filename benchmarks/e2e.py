@@ -24,8 +24,9 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
   graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
   call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how
   the timed calls decoded; ``warm_up_s`` the two warm-up calls (with ``compile=True``, the first compiles).
-  ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of prefills not replayed as graphs run through
-  ``torch.compile``).
+  ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of the engine's eager walks run through
+  ``torch.compile``); ``--compile`` sets it for every vlmkit configuration (decoders decode eagerly, so their steps
+  run compiled layers too).
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
   ``answers_differing_from_unshared`` counts the rows that differ, and ``unshared_answers_differing_from_batch_1``
   the unshared batch's rows that differ from asking each question alone (bf16 rounding depends on the batch layout).
@@ -292,7 +293,7 @@ def run(args: argparse.Namespace) -> None:
             bench.save()
     def with_vlmkit(pruner=None, decoders=(), compile=False):
         return lambda mode: vlmkit.wrap(model, processor, pruner=pruner, decoders=list(decoders), decode=mode,
-                                        prefill=mode, compile=compile)
+                                        prefill=mode, compile=compile or args.compile)
 
     wanted = set(args.only or [])
     configs = {"vlmkit-dense": with_vlmkit(), "vlmkit-dense-compiled": with_vlmkit(compile=True)}
@@ -391,6 +392,7 @@ def main() -> None:
     parser.add_argument("--throughput", nargs="*", default=["vlmkit-dense"],
                         help="configurations whose POPE-style throughput is measured too")
     parser.add_argument("--only", nargs="*", help="run only these configurations (names or method names) after HF")
+    parser.add_argument("--compile", action="store_true", help="every vlmkit configuration with compile=True")
     parser.add_argument("--plot", nargs="+", help="JSON results files to plot (no benchmark run)")
     parser.add_argument("--png", default="docs/e2e.png")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""``compile=True``: the prefill walk through torch.compile'd decoder layers gives the eager walk's tokens."""
+"""``compile=True``: the engine's eager walks through torch.compile'd decoder layers give the eager tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from vlmkit.testing import tokens_of
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_compiled_layers_give_the_eager_tokens(tiny, images, prompts, family, monkeypatch):
-    """Shared image prefixes (rows 0 and 1 ask about one image), a pruner acting inside the walk (FastV), beams."""
+    """Shared image prefixes (rows 0 and 1 ask about one image), a pruner acting inside the walk (FastV), decoders
+    (their decode steps are eager walks too; CCA's mask, GIFT's edits), beams."""
     compiled_calls = []
     compiled_forward = engine.compiled_layer_forward()
 
@@ -22,7 +23,8 @@ def test_compiled_layers_give_the_eager_tokens(tiny, images, prompts, family, mo
     monkeypatch.setattr(engine, "compiled_layer_forward", lambda: counted)
     model, processor = tiny(family)
     rows = [images[0], images[0], images[1]]
-    for options in ({"pruner": None}, {"pruner": "fastv:keep=4,layer=2"}):
+    for options in ({"pruner": None}, {"pruner": "fastv:keep=4,layer=2"}, {"decoders": ["cca:training_free=true"]},
+                    {"decoders": ["gift"]}):
         eager = vlmkit.wrap(model, processor, prefill="dynamic", **options)
         compiled = vlmkit.wrap(model, processor, prefill="dynamic", compile=True, **options)
         for beams in (1, 2):

@@ -157,10 +157,11 @@ class Engine:
     def run_layers(
         self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache, hidden_layers: set[int],
         start: int = 0, stop: int | None = None, hooks: bool = True, mask_mod: TritonMask | None = None,
+        compiled: bool = False,
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
         """Walk the decoder layers ``start`` to ``stop`` (default: the last) once; ``hooks=False`` calls no layer
-        hook (a static prefill segment); ``mask_mod`` narrows every layer's attention. With ``compile``, a prefill
-        walk outside static segments runs the layers through ``torch.compile`` (:func:`compiled_layer_forward`).
+        hook (a static prefill segment); ``mask_mod`` narrows every layer's attention; ``compiled`` runs the layers
+        through ``torch.compile`` (:func:`compiled_layer_forward`; the engine's own eager walks with ``compile``).
         Returns the final state, the requested last-position hidden states and, in the prefill, the number of visual
         tokens of each row that each walked layer processed."""
         adapter = self.adapter
@@ -169,7 +170,7 @@ class Engine:
         pruners = self._with("after_layer") if prefill and hooks else []
         editors = self._with("edit_residual") if hooks else []
         rotary = adapter.rotary(state.hidden, state.positions)
-        forward = compiled_layer_forward() if self.compile and prefill and hooks else layer_forward
+        forward = compiled_layer_forward() if compiled else layer_forward
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
         for index, layer in enumerate(adapter.layers[start:stop], start=start):
@@ -342,7 +343,7 @@ class Engine:
         if acting is not None:
             state, visual_counts = self._static_walk(ctx, state, cache, acting)
             return state, {}, visual_counts
-        return self.run_layers(ctx, state, cache, self._hidden_layers())
+        return self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=self.compile)
 
     def _static_prefill_layers(self, state: LayerState) -> set[int] | None:
         """The layers at which interventions act when this prefill runs in static segments (``static_prefill.py``);
@@ -371,7 +372,8 @@ class Engine:
         layer = 0
         while layer < num_layers:
             if layer in acting:
-                state, _, counts = self.run_layers(ctx, state, cache, set(), start=layer, stop=layer + 1)
+                state, _, counts = self.run_layers(ctx, state, cache, set(), start=layer, stop=layer + 1,
+                                                   compiled=self.compile)
                 layer += 1
             else:
                 stop = min((l for l in acting if l > layer), default=num_layers)
@@ -435,7 +437,8 @@ class Engine:
         tokens. Positions are the unshared ones, so the logits are those of the unshared prefill up to rounding.
         Returns each row's last hidden state, the visual tokens per layer and the kept visual indices."""
         packed, segments, last = _pack_groups(state, groups, leaders)
-        packed, _, visual_counts = self.run_layers(ctx, packed, cache, set(), mask_mod=segment_mask(segments))
+        packed, _, visual_counts = self.run_layers(ctx, packed, cache, set(), mask_mod=segment_mask(segments),
+                                                   compiled=self.compile)
         rows = torch.arange(len(groups), device=groups.device)
         own = segments[groups]
         cache.share_prefix(groups, cache.valid[0][groups] & ((own == 0) | (own == rows[:, None] + 1)))
@@ -475,8 +478,10 @@ class Engine:
     def _layer_params(self) -> list[int]:
         return [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in self.adapter.layers]
 
-    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``."""
+    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor,
+                    compiled: bool = False) -> torch.Tensor:
+        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``
+        (``compiled``: see :meth:`run_layers`)."""
         hidden = self.adapter.embed_tokens(tokens[:, None])
         batch = tokens.shape[0]
         state = LayerState(
@@ -486,7 +491,7 @@ class Engine:
             positions=positions,
             source_index=torch.full((batch, 1), -1, device=hidden.device),
         )
-        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers())
+        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=compiled)
         return self._logits(ctx, state.hidden[:, -1], collected)
 
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
@@ -498,7 +503,7 @@ class Engine:
                 decoder = static_decoder(self, cache, next_position, layout)
                 return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
         return DecodeSteps(lambda tokens, step: self.decode_step(
-            ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)
+            ctx, cache, tokens, self.adapter.decode_positions(next_position, step), compiled=self.compile), cache)
 
     def _decodes_static(self, ctx, layout: tuple) -> bool:
         if self.decode != "auto":
@@ -617,8 +622,9 @@ def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tor
 @functools.cache
 def compiled_layer_forward() -> Callable[..., torch.Tensor]:
     """:func:`layer_forward` through ``torch.compile``: the layer's element-wise work (RMSNorm in float32, rotary
-    embedding, SiLU and product, residual adds) fused into a few kernels between the matrix products, for prefills too
-    large for CUDA graphs, which those unfused kernels slow by about a fifth (docs/performance.md). The cache write and
+    embedding, SiLU and product, residual adds) fused into a few kernels between the matrix products. For the engine's
+    eager walks: prefills too large for CUDA graphs, which those unfused kernels slow by about a sixth, and eager
+    decode steps (decoders), which launch fewer kernels (docs/performance.md). The cache write and
     the attention call stay outside the compiled graphs (``torch.compiler.disable``). One compilation serves every
     layer and every length: shapes are dynamic and the layer index (an int attribute, which torch.compile would
     otherwise specialise one layer at a time) is not specialised. Rounding follows eager's casts
