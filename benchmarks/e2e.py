@@ -24,9 +24,8 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
   graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
   call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how
   the timed calls decoded; ``warm_up_s`` the two warm-up calls (with ``compile=True``, the first compiles).
-  ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of the engine's eager walks run through
-  ``torch.compile``); ``--compile`` sets it for every vlmkit configuration (decoders decode eagerly, so their steps
-  run compiled layers too).
+  ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of prefills too large for graphs run through
+  ``torch.compile``); ``--compile`` sets it for every vlmkit configuration.
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
   ``answers_differing_from_unshared`` counts the rows that differ, and ``unshared_answers_differing_from_batch_1``
   the unshared batch's rows that differ from asking each question alone (bf16 rounding depends on the batch layout).

@@ -4,8 +4,8 @@
 
 ``e2e.py``'s ``tokens_match_dynamic`` says whether a configuration's CUDA-graph path gives the eager layer walk's
 greedy tokens. For each configuration here (the ones that differed in a run, fastv as a control, and the eager walk
-through ``torch.compile``'d layers, ``compile=True``) this prints the first token where the fast path and the eager
-walk differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
+through ``torch.compile``'d layers, ``compile=True``, forced onto this batch-1 walk, which is below the size that
+compiles by default) this prints the first token where the fast path and the eager walk differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
 decoder, which keeps the walk eager) and the score the eager walk gave the graph path's token. A margin of 0 or one
 bf16 step means the two paths split a tie by rounding, not by computing something else.
 """
@@ -16,6 +16,7 @@ import torch
 
 import vlmkit
 from e2e import PROMPT, LogitRecorder, random_images
+from vlmkit.runtime import engine
 from vlmkit.testing import SHAPED, shaped_model
 
 COMPILED_WALK = {"compile": True, "decode": "dynamic", "prefill": "dynamic"}
@@ -27,6 +28,7 @@ NEW_TOKENS = 32
 
 
 def main() -> None:
+    engine.COMPILE_MIN_TOKENS = 0  # the compiled walk at batch 1: where do compiled layers round differently?
     for model_name, specs in CONFIGS.items():
         model, processor = shaped_model(model_name, dtype=torch.bfloat16, device="cuda")
         image = random_images(1, SHAPED[model_name][1]["image_size"])[0]

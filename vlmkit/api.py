@@ -196,8 +196,9 @@ def wrap(
     of bucketed length on CUDA, except the layers where a method acts (methods say which; decoders keep the eager
     walk), for batches of up to 2048 bucketed tokens; ``"static"`` runs the bucketed segments on any device and size;
     ``"dynamic"`` never (``vlmkit.runtime.static_prefill``). ``compile=True`` runs the decoder layers of prefills
-    that are not replayed as graphs (larger ones, or with a method acting in them) through ``torch.compile``, which
-    fuses their element-wise work; the first such prefill waits for the compilation (docs/performance.md)."""
+    too large for graphs (more than 2048 bucketed tokens per batch, as an evaluation batch's shared prefill) through
+    ``torch.compile``, which fuses their element-wise work; the first such prefill waits for the compilation
+    (docs/performance.md)."""
     return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode, prefill=prefill,
                compile=compile)
 

@@ -50,6 +50,9 @@ from vlmkit.runtime.static_prefill import (
 )
 
 StreamCallback = Callable[[int, str], None]
+# compile=True: prefill walks over more tokens than this (batch x bucketed length) run compiled layers. Smaller walks
+# are host-bound: at batch 1, compiled layers' guards and wrappers cost more than fusion saves (docs/performance.md)
+COMPILE_MIN_TOKENS = MAX_GRAPH_TOKENS
 
 # Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA when no intervention acts during decoding,
 # for answers of MIN_NEW_TOKENS or more or when the previous call had the same layout; "static" uses the static cache
@@ -161,7 +164,8 @@ class Engine:
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
         """Walk the decoder layers ``start`` to ``stop`` (default: the last) once; ``hooks=False`` calls no layer
         hook (a static prefill segment); ``mask_mod`` narrows every layer's attention; ``compiled`` runs the layers
-        through ``torch.compile`` (:func:`compiled_layer_forward`; the engine's own eager walks with ``compile``).
+        of a walk over more than ``COMPILE_MIN_TOKENS`` tokens through ``torch.compile``
+        (:func:`compiled_layer_forward`; the engine's prefill walks with ``compile``).
         Returns the final state, the requested last-position hidden states and, in the prefill, the number of visual
         tokens of each row that each walked layer processed."""
         adapter = self.adapter
@@ -170,7 +174,9 @@ class Engine:
         pruners = self._with("after_layer") if prefill and hooks else []
         editors = self._with("edit_residual") if hooks else []
         rotary = adapter.rotary(state.hidden, state.positions)
-        forward = compiled_layer_forward() if compiled else layer_forward
+        batch, length = state.valid.shape
+        large = batch * bucketed(length) > COMPILE_MIN_TOKENS
+        forward = compiled_layer_forward() if compiled and large else layer_forward
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
         for index, layer in enumerate(adapter.layers[start:stop], start=start):
@@ -478,10 +484,8 @@ class Engine:
     def _layer_params(self) -> list[int]:
         return [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in self.adapter.layers]
 
-    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor,
-                    compiled: bool = False) -> torch.Tensor:
-        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``
-        (``compiled``: see :meth:`run_layers`)."""
+    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``."""
         hidden = self.adapter.embed_tokens(tokens[:, None])
         batch = tokens.shape[0]
         state = LayerState(
@@ -491,7 +495,7 @@ class Engine:
             positions=positions,
             source_index=torch.full((batch, 1), -1, device=hidden.device),
         )
-        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=compiled)
+        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers())
         return self._logits(ctx, state.hidden[:, -1], collected)
 
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
@@ -503,7 +507,7 @@ class Engine:
                 decoder = static_decoder(self, cache, next_position, layout)
                 return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
         return DecodeSteps(lambda tokens, step: self.decode_step(
-            ctx, cache, tokens, self.adapter.decode_positions(next_position, step), compiled=self.compile), cache)
+            ctx, cache, tokens, self.adapter.decode_positions(next_position, step)), cache)
 
     def _decodes_static(self, ctx, layout: tuple) -> bool:
         if self.decode != "auto":
@@ -622,12 +626,11 @@ def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tor
 @functools.cache
 def compiled_layer_forward() -> Callable[..., torch.Tensor]:
     """:func:`layer_forward` through ``torch.compile``: the layer's element-wise work (RMSNorm in float32, rotary
-    embedding, SiLU and product, residual adds) fused into a few kernels between the matrix products. For the engine's
-    eager walks: prefills too large for CUDA graphs, which those unfused kernels slow by about a sixth, and eager
-    decode steps (decoders), which launch fewer kernels (docs/performance.md). The cache write and
-    the attention call stay outside the compiled graphs (``torch.compiler.disable``). One compilation serves every
-    layer and every length: shapes are dynamic and the layer index (an int attribute, which torch.compile would
-    otherwise specialise one layer at a time) is not specialised. Rounding follows eager's casts
+    embedding, SiLU and product, residual adds) fused into a few kernels between the matrix products, for the
+    prefills too large for CUDA graphs, which those unfused kernels slow by about a sixth (docs/performance.md). The
+    cache write and the attention call stay outside the compiled graphs (``torch.compiler.disable``). One compilation
+    serves every layer and every length: shapes are dynamic and the layer index (an int attribute, which
+    torch.compile would otherwise specialise one layer at a time) is not specialised. Rounding follows eager's casts
     (``emulate_precision_casts``), though fused float32 reductions may still round a value differently."""
     import torch._inductor.config as inductor
 
