@@ -71,9 +71,9 @@ class GraphedCall:
 class GraphedCalls:
     """Pure tensor functions, each replayed as a CUDA graph per (name, input shapes); for a fixed-shape forward such
     as a ViT on one image size. ``fn`` must have no host synchronisation and no output that depends on Python state
-    other than ``name``. A shape's graph is captured on its second call (the first runs eagerly): a capture costs
-    about two eager calls, so shapes seen once (a one-off call, an evaluation's images of varied sizes) never pay
-    for one."""
+    other than ``name``. A shape's graph is captured on its second call (the first runs eagerly): a capture runs the
+    function twice more (a warm-up, then under capture), so shapes seen once (a one-off call, an evaluation's images
+    of varied sizes) never pay for one."""
 
     def __init__(self, size: int = POOL_SIZE):
         self.pool: LRUPool[GraphedCall] = LRUPool(size)
