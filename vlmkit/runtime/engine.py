@@ -45,7 +45,7 @@ from vlmkit.runtime.static_prefill import (
     MAX_GRAPH_IMAGES,
     MAX_GRAPH_TOKENS,
     SEGMENT_POOL_SIZE,
-    bucketed,
+    bucketed_tokens,
     static_segment,
 )
 
@@ -174,9 +174,8 @@ class Engine:
         pruners = self._with("after_layer") if prefill and hooks else []
         editors = self._with("edit_residual") if hooks else []
         rotary = adapter.rotary(state.hidden, state.positions)
-        batch, length = state.valid.shape
-        large = batch * bucketed(length) > COMPILE_MIN_TOKENS
-        forward = compiled_layer_forward() if compiled and large else layer_forward
+        large = compiled and bucketed_tokens(state) > COMPILE_MIN_TOKENS
+        forward = compiled_layer_forward() if large else layer_forward
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
         for index, layer in enumerate(adapter.layers[start:stop], start=start):
@@ -364,8 +363,7 @@ class Engine:
                 if layers is None:
                     return None
                 acting |= layers
-        batch, length = state.valid.shape
-        if self.prefill == "static" or (self.graphs_allowed and batch * bucketed(length) <= MAX_GRAPH_TOKENS):
+        if self.prefill == "static" or (self.graphs_allowed and bucketed_tokens(state) <= MAX_GRAPH_TOKENS):
             return acting
         return None
 

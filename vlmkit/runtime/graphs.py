@@ -77,16 +77,14 @@ class GraphedCalls:
 
     def __init__(self, size: int = POOL_SIZE):
         self.pool: LRUPool[GraphedCall] = LRUPool(size)
-        self.seen_once: OrderedDict[tuple, None] = OrderedDict()  # keys called once, the oldest first
+        self.seen_once: LRUPool[bool] = LRUPool(SEEN_ONCE_KEPT)  # keys called once
 
     def run(self, name: str, fn: Callable[..., tuple[torch.Tensor | None, ...]],
             *inputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         key = (name, *((tuple(x.shape), x.dtype, str(x.device)) for x in inputs))
         if key not in self.pool.items:
-            if key not in self.seen_once:
-                self.seen_once[key] = None
-                while len(self.seen_once) > SEEN_ONCE_KEPT:
-                    self.seen_once.popitem(last=False)
+            if key not in self.seen_once.items:
+                self.seen_once.get(key, lambda: True)
                 return fn(*inputs)
-            del self.seen_once[key]
+            del self.seen_once.items[key]
         return self.pool.get(key, lambda: GraphedCall(fn, inputs))(*inputs)

@@ -49,6 +49,12 @@ def bucketed(length: int) -> int:
     return round_up(length, LENGTH_BUCKET)
 
 
+def bucketed_tokens(state: LayerState) -> int:
+    """Batch x bucketed length: the size of a prefill's static segment (``MAX_GRAPH_TOKENS`` bounds it)."""
+    batch, length = state.valid.shape
+    return batch * bucketed(length)
+
+
 class StaticSegment:
     """Layers ``start`` to ``stop`` for one (batch, bucketed length): input buffers and, on CUDA, the graph and the
     outputs it writes."""
