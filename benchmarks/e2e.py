@@ -281,7 +281,7 @@ def benchmark_model(model_name: str, tiny: str | None):
 def run(args: argparse.Namespace) -> None:
     model, processor, name, image_size = benchmark_model(args.model, args.tiny)
     meta = {"model": name, **environment(model), "batch": 1, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "keep": args.keep}
+            "repeats": args.repeats, "keep": args.keep, "compile": args.compile}
     bench = Bench(model, processor, image_size, args.new_tokens, args.repeats, Path(args.out), meta)
     model.set_attn_implementation("sdpa")
     bench.record("hf-sdpa", bench.hf)
@@ -349,13 +349,17 @@ def plot(files: list[str], png: str) -> None:
             ax.axvline(target, color="black", linestyle="--", linewidth=1)
             ax.invert_yaxis()
             ax.set_xlabel(f"{label}; dashed: #9 target")
-            ax.set_title(f"{result['model']}: {path.split('_')[0]} (orange: CUDA graph, red: eager, gray: HF)",
+            ax.set_title(f"{model_label(result)}: {path.split('_')[0]} (orange: CUDA graph, red: eager, gray: HF)",
                          fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
         plot_throughput(row[2], result)
     fig.suptitle(f"random weights, {results[0]['device']}; TTFT and decode at batch 1", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
+
+
+def model_label(result: dict) -> str:
+    return result["model"] + (" (all compile=True)" if result.get("compile") else "")
 
 
 def plot_throughput(ax, result: dict) -> None:
@@ -373,7 +377,7 @@ def plot_throughput(ax, result: dict) -> None:
     ax.set_xticks([i + width * (len(configs) - 1) / 2 for i in range(len(layouts))],
                   [f"batch {b}\n{q} per image" for b, q in layouts], fontsize=7)
     ax.set_ylabel("questions/s over HF generate's; dashed: #9 target")
-    ax.set_title(f"{result['model']}: POPE-style throughput, generate_batches (HF: dense generate)", fontsize=9)
+    ax.set_title(f"{model_label(result)}: POPE-style throughput, generate_batches (HF: dense generate)", fontsize=9)
     ax.legend(fontsize=7)
 
 

@@ -3,9 +3,9 @@
     cd benchmarks && python token_ties.py   # on a GPU: the 7B shapes, in bf16
 
 ``e2e.py``'s ``tokens_match_dynamic`` says whether a configuration's CUDA-graph path gives the eager layer walk's
-greedy tokens. For each configuration here (the ones that differed in a run, fastv as a control, and the eager walk
+greedy tokens. For each configuration here (the ones that differed in a run, fastv as a control, the eager walk
 through ``torch.compile``'d layers, ``compile=True``, forced onto this batch-1 walk, which is below the size that
-compiles by default) this prints the first token where the fast path and the eager walk differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
+compiles by default, and ``compile=True``'s graph paths: compiled layers and, on Qwen, the compiled ViT) this prints the first token where the fast path and the eager walk differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
 decoder, which keeps the walk eager) and the score the eager walk gave the graph path's token. A margin of 0 or one
 bf16 step means the two paths split a tie by rounding, not by computing something else.
 """
@@ -20,10 +20,12 @@ from vlmkit.runtime import engine
 from vlmkit.testing import SHAPED, shaped_model
 
 COMPILED_WALK = {"compile": True, "decode": "dynamic", "prefill": "dynamic"}
+COMPILED_GRAPHS = {"compile": True}
 #: per model: (pruner, the fast path's options: {} for CUDA graphs)
-CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}), (None, COMPILED_WALK)],
+CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}), (None, COMPILED_WALK),
+                            (None, COMPILED_GRAPHS)],
            "qwen2.5-vl-7b": [("pdrop:keep=64", {}), ("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}),
-                             (None, COMPILED_WALK)]}
+                             (None, COMPILED_WALK), (None, COMPILED_GRAPHS), ("uniform:keep=64", COMPILED_GRAPHS)]}
 NEW_TOKENS = 32
 
 
@@ -37,7 +39,8 @@ def main() -> None:
                 vlm = vlmkit.wrap(model, processor, pruner=spec, **kwargs)
                 return vlm.generate(image, PROMPT, max_new_tokens=NEW_TOKENS)[0].token_ids
 
-            name = f"{spec or 'dense'}{' (compiled walk)' if fast_path.get('compile') else ''}"
+            labels = [(COMPILED_WALK, " (compiled walk)"), (COMPILED_GRAPHS, " (compiled graphs)")]
+            name = (spec or "dense") + next((label for options, label in labels if options == fast_path), "")
             fast = tokens(**fast_path)
             slow = tokens(decode="dynamic", prefill="dynamic")
             recorder = LogitRecorder()

@@ -5,6 +5,8 @@
     python benchmarks/ttft_parts.py --model llava-1.5-7b --out benchmarks/results/ttft-parts-llava-1.5-7b-<device>.json
     python benchmarks/ttft_parts.py --tiny llava --out /tmp/ttft.json   # CPU smoke run on a tiny model
 
+``--compile`` runs every configuration with ``compile=True``.
+
 Per configuration (dense and each ``--pruners`` at ``--keep`` tokens): ``ttft_ms`` is the engine's ``prefill_s``
 (median over ``--repeats`` calls, after warm-up calls that compile and capture); ``processor_ms`` the processor
 call; ``vision_side_ms`` ``Engine.initial_state`` (embedding, vision tower, projector, selection, packing);
@@ -73,15 +75,16 @@ def main() -> None:
     parser.add_argument("--pruners", nargs="*", default=["fastervlm", "uniform", "divprune", "visionzip"])
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="every configuration with compile=True")
     args = parser.parse_args()
     model, processor, name, image_size = benchmark_model(args.model, args.tiny)
     image = random_images(1, image_size)[0]
-    results = {"model": name, **environment(model), "batch": 1, "keep": args.keep, "repeats": args.repeats,
+    results = {"model": name, **environment(model), "batch": 1, "keep": args.keep, "repeats": args.repeats, "compile": args.compile,
                "configs": []}
     out = Path(args.out)
     for pruner in [None] + [f"{p}:keep={args.keep}" for p in args.pruners]:
         for mode in ("auto", "dynamic"):
-            vlm = vlmkit.wrap(model, processor, pruner=pruner, prefill=mode, decode=mode)
+            vlm = vlmkit.wrap(model, processor, pruner=pruner, prefill=mode, decode=mode, compile=args.compile)
             entry = {"config": pruner or "dense", "prefill": mode, **parts(vlm, image, args.repeats)}
             results["configs"].append(entry)
             print(json.dumps(entry), flush=True)

@@ -1,10 +1,12 @@
-"""``compile=True``: prefill walks through torch.compile'd decoder layers give the eager walk's tokens."""
+"""``compile=True``: torch.compile'd decoder layers (large eager prefills, static prefill segments, static decode
+steps) and Qwen's compiled ViT give the uncompiled tokens."""
 
 from __future__ import annotations
 
 import pytest
 
 import vlmkit
+from vlmkit.models import qwen2_vl
 from vlmkit.runtime import engine
 from vlmkit.testing import tokens_of
 
@@ -46,3 +48,33 @@ def test_small_prefills_stay_eager(tiny, images, prompts, monkeypatch):
     monkeypatch.setattr(engine, "COMPILE_MIN_TOKENS", 0)
     with pytest.raises(AssertionError, match="small prefill"):
         vlm.generate(images[:2], prompts[:2], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_static_paths_compile_their_layers(tiny, images, prompts, family, monkeypatch):
+    """Static prefill segments and static decode steps (CUDA graphs on a GPU, eager here) run compiled layers at any
+    size, as does Qwen's ViT, and give the tokens of the uncompiled dynamic walk, with and without shared prefixes."""
+    calls = {"layers": 0, "tower": 0}
+
+    def counting(name, make):
+        compiled_fn = make()
+
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return compiled_fn(*args, **kwargs)
+        return lambda: counted
+
+    monkeypatch.setattr(engine, "compiled_layer_forward", counting("layers", engine.compiled_layer_forward))
+    monkeypatch.setattr(qwen2_vl, "compiled_tower_forward", counting("tower", qwen2_vl.compiled_tower_forward))
+    model, processor = tiny(family)
+    eager = vlmkit.wrap(model, processor, prefill="dynamic", decode="dynamic")
+    compiled = vlmkit.wrap(model, processor, prefill="static", decode="static", compile=True)
+    for rows in ([images[0], images[1]], [images[0], images[0], images[1]]):
+        questions = prompts[:len(rows)]
+        expected = tokens_of(eager.generate(rows, questions, max_new_tokens=5))
+        assert tokens_of(compiled.generate(rows, questions, max_new_tokens=5)) == expected
+    layers = model.config.get_text_config().num_hidden_layers
+    # every layer of the first call's prefill segment and of both calls' four decode steps; the shared-prefix
+    # prefill is an eager walk, below the size that compiles
+    assert calls["layers"] == (1 + 4 + 4) * layers
+    assert calls["tower"] == (2 if family == "qwen2_5_vl" else 0)

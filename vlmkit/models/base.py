@@ -210,10 +210,10 @@ class Adapter(ABC):
     # -- vision side ----------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
-                      graphs: GraphedCalls | None = None) -> list[VisualTokens]:
+                      graphs: GraphedCalls | None = None, compiled: bool = False) -> list[VisualTokens]:
         """Vision tower + projector: one :class:`VisualTokens` per image (``attention`` filled on request). An
         adapter whose vision forward has fixed shapes and no host synchronisation may replay it through ``graphs``
-        (CUDA graphs; None: eager)."""
+        (CUDA graphs; None: eager), and may run it through ``torch.compile`` when ``compiled`` (``compile=True``)."""
 
     # -- positions ------------------------------------------------------------------------------------------------
     def position_ids(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,9 +35,10 @@ class LlavaAdapter(Adapter):
         return layers[self.config.vision_feature_layer % (len(layers) + 1) - 1].self_attn
 
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
-                      graphs: GraphedCalls | None = None) -> list[VisualTokens]:
+                      graphs: GraphedCalls | None = None, compiled: bool = False) -> list[VisualTokens]:
         """The CLIP tower and projector have fixed shapes for one image size: with ``graphs`` they replay as a CUDA
-        graph."""
+        graph. They stay eager with ``compiled``: only Qwen's ViT, whose MLP needs padded matrix products, was
+        measured to gain from compiling."""
         pixel_values = batch.vision_inputs["pixel_values"].to(self.vision_tower.dtype)
         forward = functools.partial(self._vision_forward, with_attention=with_attention)
         if graphs is None:

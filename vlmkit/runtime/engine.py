@@ -36,7 +36,7 @@ from vlmkit.kernels.interface import LayerAttention
 from vlmkit.kernels.masks import TritonMask, segment_mask
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
-from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool
+from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool, compile_dynamic
 from vlmkit.runtime.hooks import HOOKS, GenerationContext, Intervention, LayerState, Selection, last_visual_index
 from vlmkit.runtime.sampling import BeamSearch, SamplingConfig, choose_tokens
 from vlmkit.runtime.static_decode import MIN_NEW_TOKENS, StaticKVCache, decoder_layout, static_decoder
@@ -50,8 +50,10 @@ from vlmkit.runtime.static_prefill import (
 )
 
 StreamCallback = Callable[[int, str], None]
-# compile=True: prefill walks over more tokens than this (batch x bucketed length) run compiled layers. Smaller walks
-# are host-bound: at batch 1, compiled layers' guards and wrappers cost more than fusion saves (docs/performance.md)
+# compile=True: layers replayed as CUDA graphs (static prefill segments, static decode steps) are compiled, since a
+# replay pays nothing for their host work; eager walks only over more tokens than this (batch x bucketed length).
+# Smaller eager walks are host-bound: compiled layers' guards and wrappers cost more than fusion saves there
+# (docs/performance.md)
 COMPILE_MIN_TOKENS = MAX_GRAPH_TOKENS
 
 # Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA when no intervention acts during decoding,
@@ -164,8 +166,7 @@ class Engine:
     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
         """Walk the decoder layers ``start`` to ``stop`` (default: the last) once; ``hooks=False`` calls no layer
         hook (a static prefill segment); ``mask_mod`` narrows every layer's attention; ``compiled`` runs the layers
-        of a walk over more than ``COMPILE_MIN_TOKENS`` tokens through ``torch.compile``
-        (:func:`compiled_layer_forward`; the engine's prefill walks with ``compile``).
+        through ``torch.compile`` (:func:`compiled_layer_forward`).
         Returns the final state, the requested last-position hidden states and, in the prefill, the number of visual
         tokens of each row that each walked layer processed."""
         adapter = self.adapter
@@ -174,8 +175,7 @@ class Engine:
         pruners = self._with("after_layer") if prefill and hooks else []
         editors = self._with("edit_residual") if hooks else []
         rotary = adapter.rotary(state.hidden, state.positions)
-        large = compiled and bucketed_tokens(state) > COMPILE_MIN_TOKENS
-        forward = compiled_layer_forward() if large else layer_forward
+        forward = compiled_layer_forward() if compiled else layer_forward
         collected, visual_counts = {}, []
         num_layers = len(adapter.layers)
         for index, layer in enumerate(adapter.layers[start:stop], start=start):
@@ -220,11 +220,12 @@ class Engine:
         selectors = self._with("select_visual")
         with_attention = any(p.needs_vision_attention for p in selectors)
         if groups is None:
-            visual = self.adapter.encode_images(batch, with_attention, self._vision_graphs(batch.batch_size))
+            visual = self.adapter.encode_images(batch, with_attention, self._vision_graphs(batch.batch_size),
+                                                self.compile)
         else:
             row_group, leaders = groups
             unique = self.adapter.encode_images(self.adapter.select_rows(batch, leaders), with_attention,
-                                                self._vision_graphs(len(leaders)))
+                                                self._vision_graphs(len(leaders)), self.compile)
             visual = [dataclasses.replace(unique[group], image_index=row)
                       for row, group in enumerate(row_group.tolist())]
         selections: list[Selection | None] = [None] * len(visual)
@@ -348,7 +349,11 @@ class Engine:
         if acting is not None:
             state, visual_counts = self._static_walk(ctx, state, cache, acting)
             return state, {}, visual_counts
-        return self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=self.compile)
+        return self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=self._compiles_eagerly(state))
+
+    def _compiles_eagerly(self, state: LayerState) -> bool:
+        """Whether an eager walk over ``state`` runs compiled layers: with ``compile``, above ``COMPILE_MIN_TOKENS``."""
+        return self.compile and bucketed_tokens(state) > COMPILE_MIN_TOKENS
 
     def _static_prefill_layers(self, state: LayerState) -> set[int] | None:
         """The layers at which interventions act when this prefill runs in static segments (``static_prefill.py``);
@@ -377,7 +382,7 @@ class Engine:
         while layer < num_layers:
             if layer in acting:
                 state, _, counts = self.run_layers(ctx, state, cache, set(), start=layer, stop=layer + 1,
-                                                   compiled=self.compile)
+                                                   compiled=self._compiles_eagerly(state))
                 layer += 1
             else:
                 stop = min((l for l in acting if l > layer), default=num_layers)
@@ -442,7 +447,7 @@ class Engine:
         Returns each row's last hidden state, the visual tokens per layer and the kept visual indices."""
         packed, segments, last = _pack_groups(state, groups, leaders)
         packed, _, visual_counts = self.run_layers(ctx, packed, cache, set(), mask_mod=segment_mask(segments),
-                                                   compiled=self.compile)
+                                                   compiled=self._compiles_eagerly(packed))
         rows = torch.arange(len(groups), device=groups.device)
         own = segments[groups]
         cache.share_prefix(groups, cache.valid[0][groups] & ((own == 0) | (own == rows[:, None] + 1)))
@@ -482,8 +487,10 @@ class Engine:
     def _layer_params(self) -> list[int]:
         return [sum(p.numel() for p in layer.parameters() if p.dim() == 2) for layer in self.adapter.layers]
 
-    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``."""
+    def decode_step(self, ctx, cache, tokens: torch.Tensor, positions: torch.Tensor,
+                    compiled: bool = False) -> torch.Tensor:
+        """Feed one token per row at ``positions`` (``[B, 1]`` or ``[3, B, 1]``); return the next logits ``[B, V]``;
+        ``compiled``: through compiled layers (the static decode step with ``compile``)."""
         hidden = self.adapter.embed_tokens(tokens[:, None])
         batch = tokens.shape[0]
         state = LayerState(
@@ -493,7 +500,7 @@ class Engine:
             positions=positions,
             source_index=torch.full((batch, 1), -1, device=hidden.device),
         )
-        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers())
+        state, collected, _ = self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=compiled)
         return self._logits(ctx, state.hidden[:, -1], collected)
 
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
@@ -623,18 +630,13 @@ def layer_forward(layer: torch.nn.Module, hidden: torch.Tensor, **kwargs) -> tor
 
 @functools.cache
 def compiled_layer_forward() -> Callable[..., torch.Tensor]:
-    """:func:`layer_forward` through ``torch.compile``: the layer's element-wise work (RMSNorm in float32, rotary
-    embedding, SiLU and product, residual adds) fused into a few kernels between the matrix products, for the
-    prefills too large for CUDA graphs, which those unfused kernels slow by about a sixth (docs/performance.md). The
-    cache write and the attention call stay outside the compiled graphs (``torch.compiler.disable``). One compilation
-    serves every layer and every length: shapes are dynamic and the layer index (an int attribute, which
-    torch.compile would otherwise specialise one layer at a time) is not specialised. Rounding follows eager's casts
-    (``emulate_precision_casts``), though fused float32 reductions may still round a value differently."""
-    import torch._inductor.config as inductor
-
-    options = {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
-    compiled = torch.compile(layer_forward, dynamic=True, options=options)
-    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)(compiled)
+    """:func:`layer_forward` through ``torch.compile`` (:func:`~vlmkit.runtime.graphs.compile_dynamic`): the layer's
+    element-wise work (RMSNorm in float32, rotary embedding, SiLU and product, residual adds) fused into a few kernels
+    between the matrix products. The cache write and the attention call stay outside the compiled graphs
+    (``torch.compiler.disable``). One compilation serves every layer and length (the layer index, an int attribute
+    that torch.compile would otherwise specialise one layer at a time, is not specialised); batch or length 1 and the
+    cache's type (dynamic or static) get their own."""
+    return compile_dynamic(layer_forward, allow_unspec_int_on_nn_module=True)
 
 
 def _groups(keys: list, device: torch.device) -> tuple[torch.Tensor, list[int]] | None:

@@ -1,4 +1,5 @@
-"""CUDA-graph plumbing shared by the runtime's fixed-shape paths (static decode, static prefill, vision forward)."""
+"""CUDA-graph plumbing shared by the runtime's fixed-shape paths (static decode, static prefill, vision forward), and
+the torch.compile wrapper of ``compile=True``, whose compiled code those graphs replay."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ def capture_graph(run: Callable[[], T], pool=None) -> tuple[torch.cuda.CUDAGraph
     with torch.cuda.graph(graph, pool=pool):
         outputs = run()
     return graph, outputs
+
+
+RECOMPILE_LIMIT = 32  # compiled variants per function (batch or length 1, cache types, model families)
+
+
+def compile_dynamic(fn: Callable[..., T], *, allow_unspec_int_on_nn_module: bool = False,
+                    **inductor_options) -> Callable[..., T]:
+    """``fn`` through ``torch.compile`` with dynamic shapes, for ``compile=True``, whose compiled code the runtime
+    replays inside its CUDA graphs where it can. Rounding follows eager's casts (``emulate_precision_casts``), though
+    fused float32 reductions may still round a value differently. ``allow_unspec_int_on_nn_module``: int attributes
+    of modules (a layer's index) are not specialised."""
+    import torch._inductor.config as inductor
+
+    if hasattr(inductor, "emulate_precision_casts"):
+        inductor_options["emulate_precision_casts"] = True
+    compiled = torch.compile(fn, dynamic=True, options=inductor_options)
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=allow_unspec_int_on_nn_module,
+                                      recompile_limit=RECOMPILE_LIMIT)(compiled)
 
 
 class LRUPool(Generic[T]):

@@ -87,6 +87,7 @@ class StaticKVCache:
     def _slot(self, layer_idx: int) -> torch.Tensor:
         return (self.base[layer_idx] + self.step).view(1)
 
+    @torch.compiler.disable  # a compiled layer (Engine(compile=True)) writes the cache outside its graphs
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         slot = self._slot(layer_idx)
         self.keys[layer_idx].index_copy_(2, slot, key)
@@ -125,7 +126,7 @@ class StaticDecoder:
 
     def _run(self, ctx: GenerationContext) -> torch.Tensor:
         positions = self.engine.adapter.decode_positions(self.next_position, self.cache.step)
-        return self.engine.decode_step(ctx, self.cache, self.tokens, positions)
+        return self.engine.decode_step(ctx, self.cache, self.tokens, positions, compiled=self.engine.compile)
 
     def step(self, ctx: GenerationContext, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """The next logits ``[B, V]`` after feeding ``tokens`` (``[B]``) as the ``step``-th generated token."""

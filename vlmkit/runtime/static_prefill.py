@@ -75,7 +75,8 @@ class StaticSegment:
         state = LayerState(hidden=self.hidden, valid=self.valid, is_visual=torch.zeros_like(self.valid),
                            positions=self.positions, source_index=torch.zeros_like(self.valid, dtype=torch.long))
         cache = LayeredKVCache(len(engine.adapter.layers))
-        state, _, _ = engine.run_layers(ctx, state, cache, set(), start=self.start, stop=self.stop, hooks=False)
+        state, _, _ = engine.run_layers(ctx, state, cache, set(), start=self.start, stop=self.stop, hooks=False,
+                                        compiled=engine.compile)
         return cache, state.hidden
 
     def run(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache) -> LayerState:
