@@ -5,9 +5,10 @@
 ``e2e.py``'s ``tokens_match_dynamic`` says whether a configuration's CUDA-graph path gives the eager layer walk's
 greedy tokens. For each configuration here (the ones that differed in a run, fastv as a control, the eager walk
 through ``torch.compile``'d layers, ``compile=True``, forced onto this batch-1 walk, which is below the size that
-compiles by default, and ``compile=True``'s graph paths: compiled layers and, on Qwen, the compiled ViT) this prints the first token where the fast path and the eager walk differ, the eager walk's top-2 logit margin at that token (read by a logit-recording
-decoder, which keeps the walk eager) and the score the eager walk gave the graph path's token. A margin of 0 or one
-bf16 step means the two paths split a tie by rounding, not by computing something else.
+compiles by default, and ``compile=True``'s graph paths: compiled layers and, on Qwen, the compiled ViT) this prints
+the first token where the fast path and the eager walk differ, the eager walk's top-2 logit margin at that token
+(read by a logit-recording decoder, which keeps the walk eager) and the score the eager walk gave the graph path's
+token. A margin of 0 or one bf16 step means the two paths split a tie by rounding, not by computing something else.
 """
 
 from __future__ import annotations

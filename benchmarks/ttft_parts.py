@@ -79,7 +79,8 @@ def main() -> None:
     args = parser.parse_args()
     model, processor, name, image_size = benchmark_model(args.model, args.tiny)
     image = random_images(1, image_size)[0]
-    results = {"model": name, **environment(model), "batch": 1, "keep": args.keep, "repeats": args.repeats, "compile": args.compile,
+    results = {"model": name, **environment(model), "batch": 1, "keep": args.keep, "repeats": args.repeats,
+               "compile": args.compile,
                "configs": []}
     out = Path(args.out)
     for pruner in [None] + [f"{p}:keep={args.keep}" for p in args.pruners]:

@@ -78,7 +78,8 @@ def add_parser(subparsers) -> None:
                                 f"{world_limits})")
         model.add_argument("--device")
         model.add_argument("--compile", action="store_true",
-                           help="torch.compile the decoder layers of large prefills (vlmkit.wrap(compile=True))")
+                           help="torch.compile the layers of graphed and large prefills, the decode step and Qwen's ViT "
+                                "(vlmkit.wrap(compile=True))")
         model.add_argument("--dtype")
         model.add_argument("--no-progress", action="store_true", help="no progress bar")
         sub.set_defaults(func=run_eval)

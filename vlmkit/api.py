@@ -195,10 +195,12 @@ def wrap(
     (``vlmkit.runtime.static_decode``). ``prefill``: ``"auto"`` replays the language-model prefill as CUDA graphs
     of bucketed length on CUDA, except the layers where a method acts (methods say which; decoders keep the eager
     walk), for batches of up to 2048 bucketed tokens; ``"static"`` runs the bucketed segments on any device and size;
-    ``"dynamic"`` never (``vlmkit.runtime.static_prefill``). ``compile=True`` runs the decoder layers of prefills
-    too large for graphs (more than 2048 bucketed tokens per batch, as an evaluation batch's shared prefill) through
-    ``torch.compile``, which fuses their element-wise work; the first such prefill waits for the compilation
-    (docs/performance.md)."""
+    ``"dynamic"`` never (``vlmkit.runtime.static_prefill``). ``compile=True`` runs the decoder layers through
+    ``torch.compile``, which fuses their element-wise work, where their host work does not show: in the CUDA graphs
+    (prefill segments, the decode step) and in eager prefills too large for graphs (more than 2048 bucketed tokens per
+    batch, as an evaluation batch's shared prefill); and Qwen's ViT, its unaligned MLP products padded. The first
+    calls wait for the compilations, and fused kernels round some values differently, so greedy answers may part
+    from the uncompiled ones at near-ties (docs/performance.md)."""
     return VLM(hf_model, processor, pruner=pruner, decoders=decoders, attn=attn, decode=decode, prefill=prefill,
                compile=compile)
 

@@ -37,8 +37,8 @@ class LlavaAdapter(Adapter):
     def encode_images(self, batch: PreparedBatch, with_attention: bool = False,
                       graphs: GraphedCalls | None = None, compiled: bool = False) -> list[VisualTokens]:
         """The CLIP tower and projector have fixed shapes for one image size: with ``graphs`` they replay as a CUDA
-        graph. They stay eager with ``compiled``: only Qwen's ViT, whose MLP needs padded matrix products, was
-        measured to gain from compiling."""
+        graph. They stay eager with ``compiled``: compiling was measured only on Qwen's ViT, whose unaligned MLP
+        products it pads; CLIP's widths are aligned."""
         pixel_values = batch.vision_inputs["pixel_values"].to(self.vision_tower.dtype)
         forward = functools.partial(self._vision_forward, with_attention=with_attention)
         if graphs is None:
