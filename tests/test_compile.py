@@ -4,11 +4,12 @@ steps) and Qwen's compiled ViT give the uncompiled tokens."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import vlmkit
 from vlmkit.models import qwen2_vl
 from vlmkit.runtime import engine
-from vlmkit.testing import tokens_of
+from vlmkit.testing import tiny_model, tokens_of
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -78,3 +79,20 @@ def test_static_paths_compile_their_layers(tiny, images, prompts, family, monkey
     # prefill is an eager walk, below the size that compiles
     assert calls["layers"] == (1 + 4 + 4) * layers
     assert calls["tower"] == (2 if family == "qwen2_5_vl" else 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_compiled_graphs_give_the_dynamic_tokens(images, prompts, family):
+    """On a GPU (fp32), the prefill segment and decode step graphs replay compiled layers (and Qwen's compiled ViT)
+    and give the uncompiled dynamic walk's tokens."""
+    model, processor = tiny_model(family)
+    model.cuda()
+    compiled = vlmkit.wrap(model, processor, compile=True)
+    fast = compiled.generate(images, prompts, max_new_tokens=16)
+    (decoder,) = compiled.engine.static_decoders.items.values()
+    assert decoder.graph is not None
+    assert all(segment.graph is not None for segment in compiled.engine.static_prefills.items.values())
+    slow = vlmkit.wrap(model, processor, prefill="dynamic", decode="dynamic").generate(images, prompts,
+                                                                                       max_new_tokens=16)
+    assert tokens_of(fast) == tokens_of(slow)
