@@ -22,6 +22,7 @@ from vlmkit.testing import SHAPED, shaped_model
 
 COMPILED_WALK = {"compile": True, "decode": "dynamic", "prefill": "dynamic"}
 COMPILED_GRAPHS = {"compile": True}
+LABELS = [(COMPILED_WALK, " (compiled walk)"), (COMPILED_GRAPHS, " (compiled graphs)")]  # fast-path options: name
 #: per model: (pruner, the fast path's options: {} for CUDA graphs)
 CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}), (None, COMPILED_WALK),
                             (None, COMPILED_GRAPHS)],
@@ -40,8 +41,7 @@ def main() -> None:
                 vlm = vlmkit.wrap(model, processor, pruner=spec, **kwargs)
                 return vlm.generate(image, PROMPT, max_new_tokens=NEW_TOKENS)[0].token_ids
 
-            labels = [(COMPILED_WALK, " (compiled walk)"), (COMPILED_GRAPHS, " (compiled graphs)")]
-            name = (spec or "dense") + next((label for options, label in labels if options == fast_path), "")
+            name = (spec or "dense") + next((label for options, label in LABELS if options == fast_path), "")
             fast = tokens(**fast_path)
             slow = tokens(decode="dynamic", prefill="dynamic")
             recorder = LogitRecorder()
