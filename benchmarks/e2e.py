@@ -23,7 +23,7 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
   another. vlmkit's figures follow two warm-up calls (the second call of a batch layout captures its decode
   graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
   call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how
-  the timed calls decoded; ``warm_up_s`` the two warm-up calls (with ``compile=True``, the first compiles).
+  the timed calls decoded and ``prefill_path`` how they prefilled (below); ``warm_up_s`` the two warm-up calls (with ``compile=True``, the first compiles).
   ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of prefills too large for graphs run through
   ``torch.compile``); ``--compile`` sets it for every vlmkit configuration.
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;
@@ -181,9 +181,8 @@ class Bench:
         steps = [max(1, stats["new_tokens"] - 1) for _, stats, _ in runs]
         stats = runs[0][1]
         graph = bool(vlm.engine.static_decoders.items)
-        prefill_graph = any(p.graph is not None for p in vlm.engine.static_prefills.items.values())
         check = {}
-        if graph or prefill_graph:
+        if graph or prefill_path(vlm) == "cuda-graph":
             slow = make("dynamic").generate(self.image, PROMPT, max_new_tokens=self.new_tokens)[0]
             check = {"tokens_match_dynamic": slow.token_ids == runs[0][2]}
         exits = [s.get("sgl_exit") for _, s, _ in runs]
@@ -197,7 +196,7 @@ class Bench:
             "visual_tokens_in": stats["visual_tokens_in"],
             "visual_tokens_mean_over_layers": float(np.mean(stats["visual_tokens_by_layer"])),
             "decode_path": "cuda-graph" if graph else "dynamic",
-            "prefill_path": "cuda-graph" if prefill_graph else "dynamic",
+            "prefill_path": prefill_path(vlm),
             **check,
         }
 
@@ -205,6 +204,8 @@ class Bench:
         """Questions per second and where a call's time goes; with several questions per image, also whether the
         shared-prefix answers are the unshared ones."""
         images, questions = self.pope_batch(batch, per_image)
+        for pool in (vlm.engine.static_prefills, vlm.engine.static_decoders):
+            pool.clear()  # the graphs of earlier batch shapes: the paths reported are this shape's
         started = now(self.device)
         for _ in range(2):  # warm-up: Triton compiles; the second call of a layout captures its decode graph
             answers = vlm.generate(images, questions, max_new_tokens=3)
@@ -221,7 +222,8 @@ class Bench:
             pass
         result = {"questions_per_s": batch * PIPELINED_BATCHES / (now(self.device) - started),
                   "questions_per_s_one_call_at_a_time": one_at_a_time, "warm_up_s": warm_up_s,
-                  "decode_path": "cuda-graph" if vlm.engine.static_decoders.items else "dynamic"}
+                  "decode_path": "cuda-graph" if vlm.engine.static_decoders.items else "dynamic",
+                  "prefill_path": prefill_path(vlm)}
         for index, part in enumerate(("call_ms", "prefill_ms", "decode_ms")):
             result[part] = 1e3 * statistics.median(call[index] for call in calls)
         result["processor_ms"] = result["call_ms"] - result["prefill_ms"] - result["decode_ms"]
@@ -236,6 +238,12 @@ class Bench:
             result["unshared_answers_differing_from_batch_1"] = sum(a != b for a, b in zip(unshared, alone))
             result.update(eager_ties(vlm, images, questions, tokens_of(answers)))
         return result
+
+
+def prefill_path(vlm: vlmkit.VLM) -> str:
+    """``cuda-graph`` when the engine replayed (some of) its language-model prefills as CUDA graphs."""
+    graphed = any(segment.graph is not None for segment in vlm.engine.static_prefills.items.values())
+    return "cuda-graph" if graphed else "dynamic"
 
 
 class LogitRecorder(Decoder):

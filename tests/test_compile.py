@@ -75,9 +75,8 @@ def test_static_paths_compile_their_layers(tiny, images, prompts, family, monkey
         expected = tokens_of(eager.generate(rows, questions, max_new_tokens=5))
         assert tokens_of(compiled.generate(rows, questions, max_new_tokens=5)) == expected
     layers = model.config.get_text_config().num_hidden_layers
-    # every layer of the first call's prefill segment and of both calls' four decode steps; the shared-prefix
-    # prefill is an eager walk, below the size that compiles
-    assert calls["layers"] == (1 + 4 + 4) * layers
+    # every layer of both calls' prefill segments (the second one's over a shared prefix) and four decode steps
+    assert calls["layers"] == (1 + 1 + 4 + 4) * layers
     assert calls["tower"] == (2 if family == "qwen2_5_vl" else 0)
 
 

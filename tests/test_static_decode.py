@@ -3,6 +3,7 @@ decodes. Parity with HF ``generate`` for both modes is in test_parity.py."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import weakref
 
@@ -12,6 +13,7 @@ import torch
 import vlmkit
 from vlmkit.errors import ConfigError
 from vlmkit.runtime.engine import Engine
+from vlmkit.runtime.hooks import Intervention
 from vlmkit.runtime.static_decode import CAPACITY_BUCKET, StaticDecoder
 from vlmkit.testing import tiny_model, tokens_of
 
@@ -139,3 +141,33 @@ def test_dropping_a_vlm_frees_its_static_buffers_at_once(tiny, images, prompts):
         assert all(ref() is None for ref in owned)
     finally:
         gc.enable()
+
+
+class _InOrder(Intervention):
+    """Changes nothing, but as an intervention that may act during decoding it keeps the decode loop in order: the
+    host reads each step's tokens before the next step starts."""
+
+    name = "in-order"
+
+
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_decoding_a_step_ahead_stops_and_streams_as_the_in_order_loop(tiny, images, prompts, decode):
+    """Without interventions in decoding, the next step is queued before the host reads this step's tokens; stop
+    strings end the same rows at the same tokens and the same text is streamed."""
+    model, processor = tiny("llava")
+    reference = vlmkit.wrap(model, processor, decode=decode).generate(images, prompts, max_new_tokens=12)
+    longest = max(reference, key=lambda g: len(g.text)).text
+    assert len(longest) >= 6
+    stop = [longest[3:6]]  # ends that row (at least) early
+    runs = []
+    for decoders in ([], [_InOrder()]):
+        streamed = collections.defaultdict(str)
+
+        def collect(row: int, text: str) -> None:
+            streamed[row] += text
+
+        vlm = vlmkit.wrap(model, processor, decode=decode, decoders=decoders)
+        generations = vlm.generate(images, prompts, max_new_tokens=12, stop=stop, stream=collect)
+        runs.append(([(g.token_ids, g.text) for g in generations], dict(streamed)))
+    assert runs[0] == runs[1]
+    assert any(len(ids) < len(g.token_ids) for (ids, _), g in zip(runs[0][0], reference))

@@ -54,7 +54,7 @@ StreamCallback = Callable[[int, str], None]
 # replay pays nothing for their host work; eager walks only over more tokens than this (batch x bucketed length).
 # Smaller eager walks are host-bound: compiled layers' guards and wrappers cost more than fusion saves there
 # (docs/performance.md)
-COMPILE_MIN_TOKENS = MAX_GRAPH_TOKENS
+COMPILE_MIN_TOKENS = 2048
 
 # Decode: "auto" replays steps over the static cache as a CUDA graph on CUDA when no intervention acts during decoding,
 # for answers of MIN_NEW_TOKENS or more or when the previous call had the same layout; "static" uses the static cache
@@ -287,7 +287,7 @@ class Engine:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed if seed is not None else torch.seed())
 
-        started = _now(device)
+        clock = _Clock(device)
         shared_images = self._shared_images(ctx, batch)
         state, next_position, visual_in = self.initial_state(ctx, batch, shared_images)
         visual_kept = state.is_visual.sum(dim=1).tolist()
@@ -304,13 +304,15 @@ class Engine:
             logits = self._logits(ctx, last_hidden, {})
         else:
             state, logits, visual_counts = self.prefill_state(ctx, state, cache)
-            kept_visual = _kept_visual_indices(batch.is_visual, state)
-        visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
-        prefill_s = _now(device) - started
+            kept_visual = functools.partial(_kept_visual_indices, batch.is_visual, state)
+        clock.mark()  # no host synchronisation from the prefill's launch to the first decoded tokens
 
         decoder = _BeamDecoder if sampling.num_beams > 1 else _TokenDecoder
         rows = decoder(self, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream).run(logits)
-        decode_s = _now(device) - started - prefill_s
+        clock.mark()
+        prefill_s, decode_s = clock.seconds()
+        visual_per_layer = torch.stack(visual_counts, dim=1).tolist()
+        kept_visual = kept_visual()
         text_tokens = (batch.attention_mask.sum(dim=1) - batch.is_visual.sum(dim=1)).tolist()
         for row, result in enumerate(rows):
             result.stats = {
@@ -341,15 +343,17 @@ class Engine:
         state, collected, visual_counts = self.prefill_walk(ctx, state, cache)
         return state, self._logits(ctx, state.hidden[:, -1], collected), visual_counts
 
-    def prefill_walk(self, ctx, state: LayerState,
-                     cache: LayeredKVCache) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
+    def prefill_walk(self, ctx, state: LayerState, cache: LayeredKVCache, segments: torch.Tensor | None = None,
+                     ) -> tuple[LayerState, dict[int, torch.Tensor], list[torch.Tensor]]:
         """Static segments where the interventions allow them (``static_prefill.py``), else the dynamic walk; returns
-        what :meth:`run_layers` returns."""
+        what :meth:`run_layers` returns. ``segments``: each token's segment of a shared-prefix sequence
+        (:func:`~vlmkit.kernels.masks.segment_mask`); no intervention may then act at a layer."""
         acting = self._static_prefill_layers(state)
         if acting is not None:
-            state, visual_counts = self._static_walk(ctx, state, cache, acting)
+            state, visual_counts = self._static_walk(ctx, state, cache, acting, segments)
             return state, {}, visual_counts
-        return self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=self._compiles_eagerly(state))
+        return self.run_layers(ctx, state, cache, self._hidden_layers(), compiled=self._compiles_eagerly(state),
+                               mask_mod=None if segments is None else segment_mask(segments))
 
     def _compiles_eagerly(self, state: LayerState) -> bool:
         """Whether an eager walk over ``state`` runs compiled layers: with ``compile``, above ``COMPILE_MIN_TOKENS``."""
@@ -372,10 +376,12 @@ class Engine:
             return acting
         return None
 
-    def _static_walk(self, ctx, state: LayerState, cache: LayeredKVCache,
-                     acting: set[int]) -> tuple[LayerState, list[torch.Tensor]]:
+    def _static_walk(self, ctx, state: LayerState, cache: LayeredKVCache, acting: set[int],
+                     segments: torch.Tensor | None = None) -> tuple[LayerState, list[torch.Tensor]]:
         """The prefill walk with the layers at which interventions act run eagerly (hooks called) and the runs of
         layers between them replayed as static segments. Returns the final state and the visual tokens per layer."""
+        if segments is not None and acting:
+            raise ConfigError("a shared-prefix prefill cannot run interventions at its layers")
         num_layers = len(self.adapter.layers)
         visual_counts: list[torch.Tensor] = []
         layer = 0
@@ -387,7 +393,8 @@ class Engine:
             else:
                 stop = min((l for l in acting if l > layer), default=num_layers)
                 counts = [state.is_visual.sum(dim=1)] * (stop - layer)
-                state = static_segment(self, state, layer, stop).run(ctx, state, cache)
+                segment = static_segment(self, state, layer, stop, segmented=segments is not None)
+                state = segment.run(ctx, state, cache, segments)
                 layer = stop
             visual_counts += counts
         return state, visual_counts
@@ -444,16 +451,19 @@ class Engine:
         segment mask: each rest sees the prefix and itself, as in its own prompt. The cache then holds each group's
         sequence once; every row decodes over its prefix and rest (``LayeredKVCache.share_prefix``) and its own new
         tokens. Positions are the unshared ones, so the logits are those of the unshared prefill up to rounding.
-        Returns each row's last hidden state, the visual tokens per layer and the kept visual indices."""
+        Returns each row's last hidden state, the visual tokens per layer and a function that lists the kept visual
+        indices (called after decoding: it synchronises with the GPU)."""
         packed, segments, last = _pack_groups(state, groups, leaders)
-        packed, _, visual_counts = self.run_layers(ctx, packed, cache, set(), mask_mod=segment_mask(segments),
-                                                   compiled=self._compiles_eagerly(packed))
+        packed, _, visual_counts = self.prefill_walk(ctx, packed, cache, segments)
         rows = torch.arange(len(groups), device=groups.device)
         own = segments[groups]
         cache.share_prefix(groups, cache.valid[0][groups] & ((own == 0) | (own == rows[:, None] + 1)))
-        kept_visual = _kept_visual_indices(batch.is_visual[torch.tensor(leaders, device=groups.device)], packed)
-        return (packed.hidden[groups, last], [counts[groups] for counts in visual_counts],
-                [kept_visual[group] for group in groups.tolist()])
+
+        def kept_visual() -> list[list[int]]:
+            by_group = _kept_visual_indices(batch.is_visual[leaders], packed)
+            return [by_group[group] for group in groups.tolist()]
+
+        return packed.hidden[groups, last], [counts[groups] for counts in visual_counts], kept_visual
 
     def _answered(self, ctx, batch: PreparedBatch, answers: list[list[int]], stop: Sequence[str]) -> list[RowResult]:
         """Rows answered by ``early_exit``: the model never ran (no visual token entered it)."""
@@ -526,7 +536,12 @@ class Engine:
 
 
 class _TokenDecoder:
-    """Greedy or sampled decoding, one token per row per step, with candidate checks, stop strings and streaming."""
+    """Greedy or sampled decoding, one token per row per step, with candidate checks, stop strings and streaming.
+
+    When no intervention acts during decoding, the next step is queued on the GPU before the host reads this step's
+    tokens (EOS, stop strings, streaming): the host's bookkeeping and the next step's launch overlap the GPU's work.
+    A batch whose rows all stop then computes one step that nobody reads; the tokens are the same.
+    """
 
     def __init__(self, engine: Engine, ctx, cache, next_position, max_new_tokens, sampling, generator, stop, stream):
         self.engine, self.ctx, self.cache, self.next_position = engine, ctx, cache, next_position
@@ -562,12 +577,17 @@ class _TokenDecoder:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         rows = torch.arange(batch, device=logits.device)
         steps = self.engine.decode_steps(self.ctx, self.cache, self.next_position)
+        ahead = not any(i.acts_in_decode for i in self.engine.interventions)
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             tokens = self.choose(logits)
             if not all(active):
-                tokens.masked_fill_(~torch.tensor(active, device=tokens.device), pad)
-            for row, token in enumerate(tokens.tolist()):  # one transfer per step, not one per row
+                tokens.masked_fill_(~torch.tensor(active).to(tokens.device, non_blocking=True), pad)
+            last = step == self.max_new_tokens - 1
+            chosen = _copy_to_host(tokens)  # one transfer per step, not one per row
+            if ahead and not last:
+                logits = steps.run(tokens, step)
+            for row, token in enumerate(chosen()):
                 if not active[row]:
                     continue
                 generated[row].append(token)
@@ -584,9 +604,10 @@ class _TokenDecoder:
                     texts[row] = text
             for follower in self.followers:
                 follower.after_step(self.ctx, tokens, rows)
-            if not any(active) or step == self.max_new_tokens - 1:
+            if not any(active) or last:
                 break
-            logits = steps.run(tokens, step)
+            if not ahead:
+                logits = steps.run(tokens, step)
         return [self._result(ids, text) for ids, text in zip(generated, texts)]
 
     def _result(self, ids: list[int], text: str | None) -> RowResult:
@@ -685,6 +706,18 @@ def _pack_groups(state: LayerState, groups: torch.Tensor,
     return packed, torch.from_numpy(segments).to(device), torch.from_numpy(last).to(device)
 
 
+def _copy_to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Start copying ``tokens`` to the host; the returned function waits for them (not for later GPU work)."""
+    if tokens.device.type != "cuda":
+        values = tokens.tolist()
+        return lambda: values
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return lambda: copied.synchronize() or host.tolist()
+
+
 def _kept_visual_indices(is_visual: torch.Tensor, state: LayerState) -> list[list[int]]:
     """Per row, the indices (in image-token order) of the visual tokens that reached the last layer."""
     order = is_visual.long().cumsum(dim=1) - 1  # a prompt position -> its index among the row's visual tokens
@@ -718,7 +751,27 @@ def _compose(first, then):
     return lambda probs: then(first(probs))
 
 
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+class _Clock:
+    """Time marks of one generation: on CUDA, events recorded on the stream, read once at the end (measuring does
+    not synchronise the host with the GPU); on the CPU, wall-clock times."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """The seconds between consecutive marks."""
+        pairs = list(zip(self.marks, self.marks[1:]))
+        if not self.cuda:
+            return [end - start for start, end in pairs]
+        self.marks[-1].synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in pairs]

@@ -70,7 +70,7 @@ class StaticKVCache:
             self.keys[layer][..., :length, :].copy_(key)
             self.values[layer][..., :length, :].copy_(value)
             self.valid[layer][:, :length].copy_(valid)
-        self.base.copy_(torch.tensor(source.lengths()))
+        self.base.copy_(torch.tensor(source.lengths()), non_blocking=True)  # no wait for the prefill
         if self.prefixes is not None:
             for mine, theirs in zip(self.prefixes, source.prefixes):
                 length = theirs.keys.shape[-2]

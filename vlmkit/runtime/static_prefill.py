@@ -18,6 +18,10 @@ following layers and decoding see the dynamic walk's layout. The matrix products
 could round a row differently; ``benchmarks/e2e.py`` checks the greedy tokens against the eager walk
 (``tokens_match_dynamic``; docs/performance.md).
 
+A shared-prefix prefill (several prompts about one image packed as ``[prefix, rest 1, rest 2, ...]``, engine.py)
+runs as one segment over all layers with a static table of each token's segment, from which the captured run builds
+its :func:`~vlmkit.kernels.masks.segment_mask`; the padded tail's entries do not matter (causality hides it).
+
 On the CPU (``prefill="static"``), and for a model spread over several GPUs, the same padded segments run eagerly;
 the tests compare them with the dynamic walk.
 """
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vlmkit.kernels.masks import segment_mask
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import capture_graph, round_up
 from vlmkit.runtime.hooks import GenerationContext, LayerState
@@ -40,7 +45,8 @@ if TYPE_CHECKING:
 #: hooks that act at a layer of the language model; ``Intervention.prefill_layers`` says at which ones
 LAYER_HOOKS = ("attention", "after_layer", "edit_residual")
 LENGTH_BUCKET = 64  # the packed length is rounded up to a multiple of this (the Triton kernel's key block divides it)
-MAX_GRAPH_TOKENS = 2048  # "auto": batch x bucketed length up to this; longer prefills are compute-bound
+MAX_GRAPH_TOKENS = 4096  # "auto": batch x bucketed length up to this (a 7B segment's cache: 2 GiB); longer
+# prefills are compute-bound
 MAX_GRAPH_IMAGES = 16  # the vision forward replays as a graph (adapters that allow it) for up to this many images
 SEGMENT_POOL_SIZE = 6  # segments (each with its graph's own memory pool) kept per engine, least recently used dropped
 
@@ -59,7 +65,7 @@ class StaticSegment:
     """Layers ``start`` to ``stop`` for one (batch, bucketed length): input buffers and, on CUDA, the graph and the
     outputs it writes."""
 
-    def __init__(self, engine: Engine, like: LayerState, length: int, start: int, stop: int):
+    def __init__(self, engine: Engine, like: LayerState, length: int, start: int, stop: int, segmented: bool):
         batch, _, width = like.hidden.shape
         self.engine = weakref.proxy(engine)  # the engine owns this object: no reference cycle
         self.start, self.stop = start, stop
@@ -67,6 +73,7 @@ class StaticSegment:
         self.hidden = like.hidden.new_zeros(batch, length, width)
         self.valid = like.valid.new_zeros(batch, length)
         self.positions = like.positions.new_zeros(*like.positions.shape[:-1], length)
+        self.segments = like.valid.new_zeros(batch, length, dtype=torch.long) if segmented else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.outputs: tuple[LayeredKVCache, torch.Tensor] | None = None
 
@@ -75,14 +82,19 @@ class StaticSegment:
         state = LayerState(hidden=self.hidden, valid=self.valid, is_visual=torch.zeros_like(self.valid),
                            positions=self.positions, source_index=torch.zeros_like(self.valid, dtype=torch.long))
         cache = LayeredKVCache(len(engine.adapter.layers))
+        mask_mod = None if self.segments is None else segment_mask(self.segments)  # read from the buffer per replay
         state, _, _ = engine.run_layers(ctx, state, cache, set(), start=self.start, stop=self.stop, hooks=False,
-                                        compiled=engine.compile)
+                                        mask_mod=mask_mod, compiled=engine.compile)
         return cache, state.hidden
 
-    def run(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache) -> LayerState:
-        """Run the segment's layers on the packed ``state``: write their keys, values and validity (cut to the real
-        length) into ``cache`` and return the state after them."""
+    def run(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache,
+            segments: torch.Tensor | None = None) -> LayerState:
+        """Run the segment's layers on the packed ``state`` (with ``segments``, each token's segment of a shared
+        prefix, for a segment built ``segmented``): write their keys, values and validity (cut to the real length)
+        into ``cache`` and return the state after them."""
         length = state.valid.shape[1]
+        if segments is not None:
+            self.segments[:, :length].copy_(segments)
         self.hidden[:, :length].copy_(state.hidden)
         self.hidden[:, length:].zero_()
         self.valid[:, :length].copy_(state.valid)
@@ -103,9 +115,10 @@ class StaticSegment:
         return dataclasses.replace(state, hidden=hidden[:, :length].clone(), key_valid=None)
 
 
-def static_segment(engine: Engine, state: LayerState, start: int, stop: int) -> StaticSegment:
-    """The engine's static segment for these layers, batch size and bucketed length."""
+def static_segment(engine: Engine, state: LayerState, start: int, stop: int, segmented: bool = False) -> StaticSegment:
+    """The engine's static segment for these layers, batch size and bucketed length; ``segmented``: with a
+    segment table (a shared-prefix prefill)."""
     length = bucketed(state.valid.shape[1])
     key = (start, stop, state.valid.shape[0], length, state.positions.dim(), state.hidden.dtype,
-           str(state.hidden.device))
-    return engine.static_prefills.get(key, lambda: StaticSegment(engine, state, length, start, stop))
+           str(state.hidden.device), segmented)
+    return engine.static_prefills.get(key, lambda: StaticSegment(engine, state, length, start, stop, segmented))
