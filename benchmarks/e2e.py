@@ -23,7 +23,8 @@ Per configuration, at batch 1 on one random image (576 visual tokens for both sh
   another. vlmkit's figures follow two warm-up calls (the second call of a batch layout captures its decode
   graph, as the second batch of an evaluation does); ``call_ms``, ``prefill_ms`` and ``decode_ms`` are medians per
   call, ``processor_ms`` the rest of the call (image processing, tokenization, bookkeeping), ``decode_path`` how
-  the timed calls decoded and ``prefill_path`` how they prefilled (below); ``warm_up_s`` the two warm-up calls (with ``compile=True``, the first compiles).
+  the timed calls decoded and ``prefill_path`` how they prefilled (below); ``warm_up_s`` the two warm-up calls
+  (with ``compile=True``, the first compiles).
   ``vlmkit-dense-compiled``: ``compile=True`` (the decoder layers of prefills too large for graphs run through
   ``torch.compile``); ``--compile`` sets it for every vlmkit configuration.
   ``tokens_match_unshared``: whether those answers equal vlmkit's own without prefix sharing;

@@ -89,7 +89,8 @@ def test_a_shared_prefill_in_a_static_segment_decodes_the_unshared_tokens(tiny, 
     plain = vlmkit.wrap(*tiny(family), pruner=pruner, prefill="dynamic")
     plain.engine.share_image_prefix = False
     segments = []
-    for batch, questions in (([a, a, b, a, b], QUESTIONS), ([b, a, a, b, b], QUESTIONS), ([a, b, b, a, a], QUESTIONS[::-1])):
+    batches = [([a, a, b, a, b], QUESTIONS), ([b, a, a, b, b], QUESTIONS), ([a, b, b, a, a], QUESTIONS[::-1])]
+    for batch, questions in batches:
         shared = vlm.generate(batch, questions, max_new_tokens=8)
         unshared = plain.generate(batch, questions, max_new_tokens=8)
         assert tokens_of(shared) == tokens_of(unshared)
@@ -105,8 +106,9 @@ def test_a_shared_prefill_in_a_static_segment_decodes_the_unshared_tokens(tiny, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_cuda_shared_prefixes_with_graphs_give_the_eager_tokens(images, family):
-    """On a GPU a recurring batch of short answers over shared prefixes decodes as a graph (the shared-prefix kernel);
-    the tokens are those of the eager walk over the same shared layout."""
+    """On a GPU the shared prefill replays as a graph segment and a recurring batch of short answers over shared
+    prefixes decodes as a graph (the shared-prefix kernel); the tokens are those of the eager walk over the same
+    shared layout."""
     model, processor = tiny_model(family, dtype=torch.bfloat16)
     model.cuda()
     a, b = images[0], images[1]
@@ -115,5 +117,7 @@ def test_cuda_shared_prefixes_with_graphs_give_the_eager_tokens(images, family):
     runs = [tokens_of(fast.generate(batch, QUESTIONS, max_new_tokens=3)) for _ in range(2)]
     (decoder,) = fast.engine.static_decoders.items.values()
     assert decoder.graph is not None  # the second call of the layout decoded as a graph
+    (segment,) = fast.engine.static_prefills.items.values()
+    assert segment.graph is not None and segment.segments is not None  # the shared prefill replayed as a graph
     slow = vlmkit.wrap(model, processor, decode="dynamic", prefill="dynamic")
     assert runs[0] == runs[1] == tokens_of(slow.generate(batch, QUESTIONS, max_new_tokens=3))
