@@ -14,15 +14,15 @@ QUESTIONS = ["Is there a dog in the image?", "What color is the table?", "Descri
              "Is there a cat?"]
 
 
-def _run(tiny, family, images, share, monkeypatch=None, decode="dynamic", pruner=None, prefill="auto", **kwargs):
-    vlm = vlmkit.wrap(*tiny(family), decode=decode, pruner=pruner, prefill=prefill)
+def _run(tiny, family, images, share, monkeypatch=None, decode="dynamic", pruner=None, **kwargs):
+    vlm = vlmkit.wrap(*tiny(family), decode=decode, pruner=pruner)
     vlm.engine.share_image_prefix = share
     calls = []
     if monkeypatch is not None:  # record each shared prefill's leading rows and each vision-tower batch size
         shared, encode = Engine._prefill_shared, vlm.adapter.encode_images
         monkeypatch.setattr(Engine, "_prefill_shared", lambda self, *a: calls.append(a[-1]) or shared(self, *a))
         monkeypatch.setattr(vlm.adapter, "encode_images", lambda b, *a: calls.append(b.batch_size) or encode(b, *a))
-    return vlm.generate(images, QUESTIONS, max_new_tokens=8, **kwargs), calls, vlm
+    return vlm.generate(images, QUESTIONS, max_new_tokens=8, **kwargs), calls
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -30,8 +30,8 @@ def _run(tiny, family, images, share, monkeypatch=None, decode="dynamic", pruner
 def test_shared_prefixes_decode_the_unshared_tokens(tiny, images, family, num_beams, decode, monkeypatch):
     a, b = images[0], images[1]
     batch = [a, a, b, a, b]  # two images, asked about 3 and 2 times
-    shared, calls, _ = _run(tiny, family, batch, True, monkeypatch, decode=decode, num_beams=num_beams)
-    plain, _, _ = _run(tiny, family, batch, False, num_beams=num_beams)
+    shared, calls = _run(tiny, family, batch, True, monkeypatch, decode=decode, num_beams=num_beams)
+    plain, _ = _run(tiny, family, batch, False, num_beams=num_beams)
     assert calls == [2, [0, 2]]  # each image encoded once; one prefill per image, rows 0 and 2 lead their groups
     assert tokens_of(shared) == tokens_of(plain)
     for mine, theirs in zip(shared, plain):
@@ -45,8 +45,8 @@ def test_vision_side_pruners_share_what_they_select_alike(tiny, images, family, 
     """Rows share a prefill only when the pruner chose the same tokens for their image (random draws per row)."""
     a, b = images[0], images[1]
     batch = [a, a, b, a, b]
-    shared, calls, _ = _run(tiny, family, batch, True, monkeypatch, pruner=pruner)
-    plain, _, _ = _run(tiny, family, batch, False, pruner=pruner)
+    shared, calls = _run(tiny, family, batch, True, monkeypatch, pruner=pruner)
+    plain, _ = _run(tiny, family, batch, False, pruner=pruner)
     assert tokens_of(shared) == tokens_of(plain)
     assert [g.stats["kept_visual_indices"] for g in shared] == [g.stats["kept_visual_indices"] for g in plain]
     first_rows: dict = {}  # (image, kept tokens) -> the first row that has them
@@ -60,12 +60,12 @@ def test_vision_side_pruners_share_what_they_select_alike(tiny, images, family, 
 
 def test_equal_but_distinct_images_or_interventions_do_not_share(tiny, images, monkeypatch):
     copies = [images[0].copy() for _ in QUESTIONS]  # equal pixels, distinct objects: not known to be one image
-    _, calls, _ = _run(tiny, "llava", copies, True, monkeypatch)
+    _, calls = _run(tiny, "llava", copies, True, monkeypatch)
     assert calls == [len(QUESTIONS)]  # every row's image encoded, no shared prefill
     # in-LLM pruners read the whole prompt's attention: the image is encoded once, the prefill is not shared
     batch = [images[0]] * len(QUESTIONS)
-    shared, calls, _ = _run(tiny, "llava", batch, True, monkeypatch, pruner="fastv:keep=4")
-    plain, _, _ = _run(tiny, "llava", batch, False, pruner="fastv:keep=4")
+    shared, calls = _run(tiny, "llava", batch, True, monkeypatch, pruner="fastv:keep=4")
+    plain, _ = _run(tiny, "llava", batch, False, pruner="fastv:keep=4")
     assert calls == [1] and tokens_of(shared) == tokens_of(plain)
 
 
@@ -73,8 +73,8 @@ def test_equal_but_distinct_images_or_interventions_do_not_share(tiny, images, m
 def test_repeated_image_objects_decode_what_equal_copies_decode(tiny, images, family):
     """One image object asked about 3 times is processed, encoded and prefilled once; copies of it, every step."""
     a, b = images[0], images[1]
-    repeated, _, _ = _run(tiny, family, [a, a, b, a, b], True)
-    copies, _, _ = _run(tiny, family, [image.copy() for image in (a, a, b, a, b)], True)
+    repeated, _ = _run(tiny, family, [a, a, b, a, b], True)
+    copies, _ = _run(tiny, family, [image.copy() for image in (a, a, b, a, b)], True)
     assert tokens_of(repeated) == tokens_of(copies)
     assert [g.stats["visual_tokens_by_layer"] for g in repeated] == [g.stats["visual_tokens_by_layer"] for g in copies]
 

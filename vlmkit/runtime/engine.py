@@ -114,6 +114,11 @@ class Engine:
     def _with(self, hook: str) -> list[Intervention]:
         return [i for i in self.interventions if i.overrides(hook)]
 
+    @property
+    def decode_is_plain(self) -> bool:
+        """No intervention acts during decoding: the steps may replay as a graph and run ahead of the host."""
+        return not any(i.acts_in_decode for i in self.interventions)
+
     # -- sequence packing -----------------------------------------------------------------------------------------
     @staticmethod
     def compact(state: LayerState, keep: torch.Tensor) -> LayerState:
@@ -380,8 +385,6 @@ class Engine:
                      segments: torch.Tensor | None = None) -> tuple[LayerState, list[torch.Tensor]]:
         """The prefill walk with the layers at which interventions act run eagerly (hooks called) and the runs of
         layers between them replayed as static segments. Returns the final state and the visual tokens per layer."""
-        if segments is not None and acting:
-            raise ConfigError("a shared-prefix prefill cannot run interventions at its layers")
         num_layers = len(self.adapter.layers)
         visual_counts: list[torch.Tensor] = []
         layer = 0
@@ -516,7 +519,7 @@ class Engine:
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
         """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
         the interventions allow it (``static_decode.py``), else the dynamic walk over ``cache``."""
-        if not any(i.acts_in_decode for i in self.interventions):
+        if self.decode_is_plain:
             layout = decoder_layout(cache, next_position, ctx.max_new_tokens)
             if self._decodes_static(ctx, layout):
                 decoder = static_decoder(self, cache, next_position, layout)
@@ -577,7 +580,7 @@ class _TokenDecoder:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         rows = torch.arange(batch, device=logits.device)
         steps = self.engine.decode_steps(self.ctx, self.cache, self.next_position)
-        ahead = not any(i.acts_in_decode for i in self.engine.interventions)
+        ahead = self.engine.decode_is_plain
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             tokens = self.choose(logits)
