@@ -41,13 +41,18 @@ def greedy_max_min(embeds: torch.Tensor, count: int, weights: torch.Tensor | Non
     unit = torch.nn.functional.normalize(embeds.float(), dim=-1)
     distance = 1.0 - unit @ unit.T
     n = distance.shape[0]
-    picked = torch.empty(count, dtype=torch.long, device=embeds.device)
-    taken = torch.zeros(n, dtype=torch.bool, device=embeds.device)
     if weights is None:
         nearest = distance + torch.diag(torch.full((n,), float("inf"), device=embeds.device))
         score = nearest.min(dim=0).values if n > 1 else torch.zeros(1, device=embeds.device)
     else:
         score = weights.float().clone()
+    if embeds.is_cuda:
+        from vlmkit.kernels.selection import MAX_TOKENS, greedy_max_min_picks  # Triton, imported on first use
+
+        if n <= MAX_TOKENS:  # every pick in one program, no host synchronisation
+            return greedy_max_min_picks(distance, score, count, weights)
+    picked = torch.empty(count, dtype=torch.long, device=embeds.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=embeds.device)
     min_distance = torch.full((n,), float("inf"), device=embeds.device)
     for step in range(count):
         choice = int(score.masked_fill(taken, float("-inf")).argmax())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +21,26 @@ from vlmkit.testing import tiny_model, tokens_of
 # make them many times slower. Child processes (the interpreter run, torchrun) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def run_in_interpreter():
+    """``run_in_interpreter(test_file)``: run a kernel test module's cases in a fresh pytest with TRITON_INTERPRET=1
+    (which must be set before ``triton.language`` is first imported, long before a test module runs), from a cwd
+    outside the repository root, whose kernels/ folder would shadow the `kernels` package transformers probes."""
+
+    def run(test_file: str) -> None:
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
+        here = Path(test_file).resolve()
+        child = subprocess.run(
+            [sys.executable, "-c", "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))", str(here), "-q",
+             "-p", "no:cacheprovider", f"--rootdir={here.parents[1]}"],
+            cwd=here.parent, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
+        print(child.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,6 @@ fresh random inputs from its own seed.
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,18 +20,8 @@ kernel_case = pytest.mark.skipif(IN_CHILD, reason="runs in the interpreter's chi
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="the kernels run in this process")
-def test_in_the_interpreter():
-    """Run this module's cases in a fresh pytest with TRITON_INTERPRET=1 (cwd outside the repository root, whose
-    kernels/ folder would shadow the `kernels` package transformers probes)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONUNBUFFERED": "1"}
-    here = Path(__file__).resolve()
-    child = subprocess.run(
-        [sys.executable, "-c", "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))", str(here), "-q",
-         "-p", "no:cacheprovider", f"--rootdir={here.parents[1]}"],
-        cwd=here.parent, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
-    print(child.stdout.strip().splitlines()[-1])
+def test_in_the_interpreter(run_in_interpreter):
+    run_in_interpreter(__file__)
 
 
 from vlmkit.kernels import attention, attention_reference  # noqa: E402

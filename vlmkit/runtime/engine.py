@@ -659,8 +659,21 @@ def compiled_layer_forward() -> Callable[..., torch.Tensor]:
     between the matrix products. The cache write and the attention call stay outside the compiled graphs
     (``torch.compiler.disable``). One compilation serves every layer and length (the layer index, an int attribute
     that torch.compile would otherwise specialise one layer at a time, is not specialised); batch or length 1 and the
-    cache's type (dynamic or static) get their own."""
-    return compile_dynamic(layer_forward, allow_unspec_int_on_nn_module=True)
+    cache's type (dynamic or static) get their own.
+
+    The widths stay static: the last dimension of the hidden states and of the rotary embedding is marked static on
+    every call, which pins the head size (an int attribute like the layer index) through the shape checks. Left
+    symbolic, it makes every element index of the rotary kernel a 64-bit division by a runtime value: that kernel
+    took 136 us per layer in a LLaVA batch-16 prefill on an H200, against 26 us with static widths."""
+    compiled = compile_dynamic(layer_forward, allow_unspec_int_on_nn_module=True)
+
+    def forward(layer: torch.nn.Module, hidden: torch.Tensor, *, position_embeddings: tuple[torch.Tensor, ...],
+                **kwargs) -> torch.Tensor:
+        for tensor in (hidden, *position_embeddings):
+            torch._dynamo.mark_static(tensor, tensor.dim() - 1)
+        return compiled(layer, hidden, position_embeddings=position_embeddings, **kwargs)
+
+    return forward
 
 
 def _groups(keys: list, device: torch.device) -> tuple[torch.Tensor, list[int]] | None:
