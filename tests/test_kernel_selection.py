@@ -2,7 +2,8 @@
 
 Like test_kernel_attention.py, the cases run on the GPU when there is one, else in Triton's CPU interpreter in a
 child process (``test_in_the_interpreter``). Both paths get the same float32 distance matrix, so any difference is
-the kernel's. Coarse integer embeddings make many exact ties, which must go to the lowest index.
+the kernel's. Coarse integer embeddings make many exact ties, which must go to the lowest index (only the GPU run
+checks the kernel's tie-breaking: the interpreter's argmax always takes the lowest index).
 """
 
 import os
