@@ -1,5 +1,6 @@
 """Attention kernels: the fused Triton kernel (``attention``), the torch reference (``attention_reference``),
-structured masks for both (``TritonMask``) and the transformers registration."""
+structured masks for both (``TritonMask``) and the transformers registration; plus ``selection``, the greedy
+max-min token picks of DivPrune and ZOO-Prune in one Triton program."""
 
 if __name__ != "vlmkit.kernels":
     # Imported as a top-level ``kernels`` because a source checkout is on sys.path (``python -m pytest`` in the repo
