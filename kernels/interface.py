@@ -74,10 +74,15 @@ class LayerAttention:
         return self.mass_queries is not None
 
     @property
+    def only_statistics(self) -> bool:
+        """Key validity and at most statistics: no bias, gain, mask or probability edit."""
+        return self.key_bias is None and self.key_abs_gain is None and self.mask_mod is None \
+            and self.probs_mod is None
+
+    @property
     def is_plain(self) -> bool:
         """Only key validity: no bias, gain, mask, probability edit or statistics."""
-        return self.key_bias is None and self.key_abs_gain is None and self.mask_mod is None \
-            and self.probs_mod is None and self.mass_queries is None
+        return self.only_statistics and self.mass_queries is None
 
     def to(self, device: torch.device) -> None:
         self.key_valid = self.key_valid.to(device)

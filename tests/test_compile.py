@@ -82,16 +82,18 @@ def test_static_paths_compile_their_layers(tiny, images, prompts, family, monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_compiled_graphs_give_the_dynamic_tokens(images, prompts, family):
-    """On a GPU (fp32), the prefill segment and decode step graphs replay compiled layers (and Qwen's compiled ViT)
-    and give the uncompiled dynamic walk's tokens."""
+@pytest.mark.parametrize("pruner", [None, "fastv:keep=8"])
+def test_compiled_graphs_give_the_dynamic_tokens(images, prompts, family, pruner):
+    """On a GPU (fp32), the prefill segment and decode step graphs replay compiled layers (and Qwen's compiled ViT;
+    FastV's ranking layer with its statistics) and give the uncompiled dynamic walk's tokens."""
     model, processor = tiny_model(family)
     model.cuda()
-    compiled = vlmkit.wrap(model, processor, compile=True)
+    compiled = vlmkit.wrap(model, processor, pruner=pruner, compile=True)
     fast = compiled.generate(images, prompts, max_new_tokens=16)
     (decoder,) = compiled.engine.static_decoders.items.values()
     assert decoder.graph is not None
-    assert all(segment.graph is not None for segment in compiled.engine.static_prefills.items.values())
-    slow = vlmkit.wrap(model, processor, prefill="dynamic", decode="dynamic").generate(images, prompts,
-                                                                                       max_new_tokens=16)
+    segments = compiled.engine.static_prefills.items.values()
+    assert len(segments) == (3 if pruner else 1) and all(segment.graph is not None for segment in segments)
+    slow = vlmkit.wrap(model, processor, pruner=pruner, prefill="dynamic", decode="dynamic").generate(
+        images, prompts, max_new_tokens=16)
     assert tokens_of(fast) == tokens_of(slow)

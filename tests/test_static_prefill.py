@@ -10,7 +10,7 @@ import vlmkit
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime import graphs
 from vlmkit.runtime.graphs import GraphedCalls
-from vlmkit.runtime.hooks import GenerationContext, Intervention
+from vlmkit.runtime.hooks import AttentionRequest, GenerationContext, Intervention
 from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_segment
 from vlmkit.testing import FAMILIES, tiny_model, tokens_of
 
@@ -84,8 +84,7 @@ def _segments(acting: set[int], num_layers: int) -> set[tuple[int, int]]:
 @pytest.mark.parametrize("pruner,acting", [("fastv:keep=8,layer=2", {1}), ("pdrop:keep=8", {0, 1, 2}),
                                            ("dart:keep=8,layer=3", {2}), ("dyvte:exit_layer=1", {1}),
                                            ("fastv:keep=8,layer=2,debias=exp", {1})])
-def test_in_llm_pruners_run_their_layers_eagerly_and_the_rest_in_segments(tiny, images, prompts, family, pruner,
-                                                                            acting, monkeypatch):
+def test_in_llm_pruners_act_between_static_segments(tiny, images, prompts, family, pruner, acting, monkeypatch):
     runs, acted = {}, set()
     for prefill in ("dynamic", "static"):
         vlm = vlmkit.wrap(*tiny(family), prefill=prefill, pruner=pruner)
@@ -101,7 +100,10 @@ def test_in_llm_pruners_run_their_layers_eagerly_and_the_rest_in_segments(tiny, 
     num_layers = len(vlm.adapter.layers)
     assert vlm.pruner.prefill_layers(num_layers) == acting
     assert acted and acted <= acting
-    assert {key[:2] for key in vlm.engine.static_prefills.items} == _segments(acting, num_layers)
+    keys = vlm.engine.static_prefills.items
+    assert {key[:2] for key in keys if "acting" not in key} == _segments(acting, num_layers)
+    statistics = pruner.startswith(("fastv", "pdrop"))  # they rank tokens by attention; dart and dyvte do not
+    assert {key[0]: key[-1] for key in keys if "acting" in key} == dict.fromkeys(acting, statistics)
     assert tokens_of(runs["static"]) == tokens_of(runs["dynamic"])
     for mine, theirs in zip(runs["static"], runs["dynamic"]):
         for key in ("visual_tokens_kept", "visual_tokens_by_layer", "kept_visual_indices"):
@@ -124,6 +126,38 @@ def test_methods_that_may_act_at_any_layer_keep_the_walk(tiny, images, prompts, 
     assert not vlm.engine.static_prefills.items
 
 
+class _BiasAtOneLayer(Intervention):
+    """Biases the attention of layer 1 towards the visual tokens (says so), counting its hook's calls."""
+
+    name = "bias-at-one-layer"
+
+    def __init__(self):
+        self.calls = 0
+
+    def prefill_layers(self, num_layers):
+        return {1}
+
+    def attention(self, ctx, layer, state):
+        if ctx.step < 0 and layer == 1:
+            self.calls += 1
+            return AttentionRequest(key_bias=state.is_visual[:, None].float() * 2.0)
+        return None
+
+
+def test_an_acting_layer_that_edits_attention_runs_eagerly_with_its_hooks_called_once(tiny, images, prompts):
+    runs = {}
+    for prefill in ("dynamic", "static"):
+        bias = _BiasAtOneLayer()
+        vlm = vlmkit.wrap(*tiny("qwen2_5_vl"), prefill=prefill, decoders=[bias])
+        runs[prefill] = vlm.generate(images, prompts, max_new_tokens=8)
+        assert bias.calls == 1
+    keys = vlm.engine.static_prefills.items
+    assert {key[:2] for key in keys} == {(0, 1), (2, len(vlm.adapter.layers))}  # no static copy of layer 1
+    assert tokens_of(runs["static"]) == tokens_of(runs["dynamic"])
+    assert tokens_of(runs["static"]) != tokens_of(vlmkit.wrap(*tiny("qwen2_5_vl")).generate(images, prompts,
+                                                                                             max_new_tokens=8))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("pruner", [None, "divprune:keep=8", "fastervlm:keep=8", "fastv:keep=8"])
@@ -135,7 +169,8 @@ def test_cuda_graph_prefill_gives_the_dynamic_tokens(images, prompts, family, pr
     graphed = vlmkit.wrap(model, processor, pruner=pruner)  # prefill="auto": CUDA graphs on a GPU
     fast = [graphed.generate(images, prompts, max_new_tokens=16) for _ in range(2)]  # capture, then replay
     segments = graphed.engine.static_prefills.items.values()
-    assert len(segments) == (2 if pruner == "fastv:keep=8" else 1) and all(s.graph is not None for s in segments)
+    # fastv: the layers before its ranking layer, that layer with its statistics, and the layers after it
+    assert len(segments) == (3 if pruner == "fastv:keep=8" else 1) and all(s.graph is not None for s in segments)
     assert len(graphed.engine.vision_graphs.pool.items) == 1  # the vision tower replayed as a graph too
     slow = vlmkit.wrap(model, processor, pruner=pruner, prefill="dynamic", decode="dynamic").generate(
         images, prompts, max_new_tokens=16)

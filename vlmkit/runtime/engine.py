@@ -15,8 +15,8 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
    When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
 
 When every intervention that acts inside the language model's prefill says at which layers (``prefill_layers``),
-step 3 runs those layers eagerly and the runs of layers between them in fixed-shape buffers of bucketed length,
-replayed as CUDA graphs on CUDA (static_prefill.py); the vision forward of small batches replays as a CUDA graph
+step 3 calls their hooks eagerly and runs the layers in fixed-shape buffers of bucketed length, replayed as CUDA
+graphs on CUDA (static_prefill.py; a layer whose attention a hook biases, masks or edits runs eagerly); the vision forward of small batches replays as a CUDA graph
 where the adapter allows it (LLaVA's CLIP tower, Qwen's ViT with its grid layout precomputed; ``graphs.py``).
 """
 
@@ -34,6 +34,7 @@ import torch
 from vlmkit.errors import ConfigError, InputError
 from vlmkit.kernels.interface import LayerAttention
 from vlmkit.kernels.masks import TritonMask, segment_mask
+from vlmkit.kernels.reference import AttentionStats
 from vlmkit.models.base import Adapter, PreparedBatch
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import POOL_SIZE, GraphedCalls, LRUPool, compile_dynamic
@@ -45,6 +46,7 @@ from vlmkit.runtime.static_prefill import (
     MAX_GRAPH_IMAGES,
     MAX_GRAPH_TOKENS,
     SEGMENT_POOL_SIZE,
+    acting_layer,
     bucketed_tokens,
     static_segment,
 )
@@ -174,33 +176,45 @@ class Engine:
         through ``torch.compile`` (:func:`compiled_layer_forward`).
         Returns the final state, the requested last-position hidden states and, in the prefill, the number of visual
         tokens of each row that each walked layer processed."""
-        adapter = self.adapter
         prefill = ctx.step < 0
         attending = self._with("attention") if hooks else []
         pruners = self._with("after_layer") if prefill and hooks else []
         editors = self._with("edit_residual") if hooks else []
-        rotary = adapter.rotary(state.hidden, state.positions)
-        forward = compiled_layer_forward() if compiled else layer_forward
+        rotary = self.adapter.rotary(state.hidden, state.positions)
         collected, visual_counts = {}, []
-        num_layers = len(adapter.layers)
-        for index, layer in enumerate(adapter.layers[start:stop], start=start):
+        for index in range(start, len(self.adapter.layers) if stop is None else stop):
             if prefill:
                 visual_counts.append(state.is_visual.sum(dim=1))
             state.key_valid = cache.extend_valid(index, state.valid)
             call = self._attention_call(ctx, index, state, cache, attending, mask_mod)
-            state.hidden = forward(layer, state.hidden, position_embeddings=rotary, vlmkit_attention=call,
-                                   **adapter.cache_argument(cache))
-            for editor in editors:
-                if (edited := editor.edit_residual(ctx, index, state)) is not None:
-                    state.hidden = edited
-            for pruner in pruners:
-                keep = pruner.after_layer(ctx, index, state, call.stats)
-                if keep is not None and index < num_layers - 1:
-                    state = self.compact(state, keep | ~state.is_visual)
-                    rotary = adapter.rotary(state.hidden, state.positions)
+            state.hidden = self.forward_layer(index, state, cache, call, rotary, compiled)
+            after = self._after_layer(ctx, index, state, call.stats, editors, pruners)
+            if after is not state:
+                state, rotary = after, self.adapter.rotary(after.hidden, after.positions)
             if index in hidden_layers:
                 collected[index] = state.hidden[:, -1]
         return state, collected, visual_counts
+
+    def forward_layer(self, index: int, state: LayerState, cache, call: LayerAttention,
+                      rotary: tuple[torch.Tensor, ...], compiled: bool = False) -> torch.Tensor:
+        """Decoder layer ``index`` on ``state.hidden`` with the attention request ``call`` (its statistics land in
+        ``call.stats``); ``compiled``: through :func:`compiled_layer_forward`. Returns the layer's output."""
+        forward = compiled_layer_forward() if compiled else layer_forward
+        return forward(self.adapter.layers[index], state.hidden, position_embeddings=rotary, vlmkit_attention=call,
+                       **self.adapter.cache_argument(cache))
+
+    def _after_layer(self, ctx, index: int, state: LayerState, stats: AttentionStats | None,
+                     editors: list[Intervention], pruners: list[Intervention]) -> LayerState:
+        """The hooks after layer ``index``: residual edits (in place), then pruning. Returns ``state`` or, when a
+        pruner dropped tokens before the last layer, the compacted state."""
+        for editor in editors:
+            if (edited := editor.edit_residual(ctx, index, state)) is not None:
+                state.hidden = edited
+        for pruner in pruners:
+            keep = pruner.after_layer(ctx, index, state, stats)
+            if keep is not None and index < len(self.adapter.layers) - 1:
+                state = self.compact(state, keep | ~state.is_visual)
+        return state
 
     def _hidden_layers(self) -> set[int]:
         num_layers = len(self.adapter.layers)
@@ -383,15 +397,15 @@ class Engine:
 
     def _static_walk(self, ctx, state: LayerState, cache: LayeredKVCache, acting: set[int],
                      segments: torch.Tensor | None = None) -> tuple[LayerState, list[torch.Tensor]]:
-        """The prefill walk with the layers at which interventions act run eagerly (hooks called) and the runs of
+        """The prefill walk with the layers at which interventions act run by :meth:`_acting_layer` and the runs of
         layers between them replayed as static segments. Returns the final state and the visual tokens per layer."""
         num_layers = len(self.adapter.layers)
         visual_counts: list[torch.Tensor] = []
         layer = 0
         while layer < num_layers:
             if layer in acting:
-                state, _, counts = self.run_layers(ctx, state, cache, set(), start=layer, stop=layer + 1,
-                                                   compiled=self._compiles_eagerly(state))
+                counts = [state.is_visual.sum(dim=1)]
+                state = self._acting_layer(ctx, state, cache, layer)
                 layer += 1
             else:
                 stop = min((l for l in acting if l > layer), default=num_layers)
@@ -401,6 +415,21 @@ class Engine:
                 layer = stop
             visual_counts += counts
         return state, visual_counts
+
+    def _acting_layer(self, ctx, state: LayerState, cache: LayeredKVCache, layer: int) -> LayerState:
+        """One layer at which interventions act, within a static walk: its hooks run eagerly, each once; the layer
+        itself runs as a static :class:`~vlmkit.runtime.static_prefill.ActingLayer` when its attention request asks
+        at most for the statistics of query rows given as a tensor (a pruner's ranking), else eagerly."""
+        state.key_valid = cache.extend_valid(layer, state.valid)
+        call = self._attention_call(ctx, layer, state, cache, self._with("attention"), None)
+        if call.only_statistics and not isinstance(call.mass_queries, tuple):
+            graphed = acting_layer(self, state, layer, statistics=call.mass_queries is not None)
+            state, stats = graphed.run_with_statistics(ctx, state, cache, call.mass_queries)
+        else:
+            rotary = self.adapter.rotary(state.hidden, state.positions)
+            state.hidden = self.forward_layer(layer, state, cache, call, rotary, self._compiles_eagerly(state))
+            stats = call.stats
+        return self._after_layer(ctx, layer, state, stats, self._with("edit_residual"), self._with("after_layer"))
 
     # -- shared image prefixes ------------------------------------------------------------------------------------
     def _shared_images(self, ctx, batch: PreparedBatch) -> tuple[torch.Tensor, list[int]] | None:

@@ -7,9 +7,12 @@ right-padded with invalid tokens, and on CUDA replays one captured graph per (la
 
 Which layers are free of hooks: an intervention that overrides a layer hook (:data:`LAYER_HOOKS`) says at which
 layers it may act with :meth:`~vlmkit.runtime.hooks.Intervention.prefill_layers` (FastV: layer K-1, PDrop: its stage
-boundaries, ...). The engine runs those layers eagerly, with their hooks and any pruning, and the runs between them as
-segments; with no such intervention the whole prefill is one segment. An intervention that cannot say (None), or any
-``edit_logits`` hook, keeps the whole prefill on the dynamic walk.
+boundaries, ...). The engine calls their hooks eagerly and runs the runs of layers between them as segments; with no
+such intervention the whole prefill is one segment. An acting layer itself runs in the same padded buffers, as a
+one-layer :class:`ActingLayer` that also hands out its attention statistics (the LSE and, when a hook asks for them,
+the key mass of the query rows it names, padding rows weighted 0), when its attention request asks for nothing else;
+a request that biases, masks or edits the attention runs that layer eagerly. An intervention that cannot say (None),
+or any ``edit_logits`` hook, keeps the whole prefill on the dynamic walk.
 
 Right padding leaves every real token's computation as it was: causal attention never lets a real query see the
 padded keys after it, and the real keys keep their offsets (the Triton kernel's key blocks are the same). A segment
@@ -34,7 +37,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vlmkit.kernels.interface import LayerAttention
 from vlmkit.kernels.masks import segment_mask
+from vlmkit.kernels.reference import AttentionStats
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime.graphs import capture_graph, round_up
 from vlmkit.runtime.hooks import GenerationContext, LayerState
@@ -48,7 +53,7 @@ LENGTH_BUCKET = 64  # the packed length is rounded up to a multiple of this (the
 MAX_GRAPH_TOKENS = 4096  # "auto": batch x bucketed length up to this (a 7B segment's cache: 2 GiB); longer
 # prefills are compute-bound
 MAX_GRAPH_IMAGES = 16  # the vision forward replays as a graph (adapters that allow it) for up to this many images
-SEGMENT_POOL_SIZE = 6  # segments (each with its graph's own memory pool) kept per engine, least recently used dropped
+SEGMENT_POOL_SIZE = 8  # segments (each with its graph's own memory pool) kept per engine, least recently used dropped
 
 
 def bucketed(length: int) -> int:
@@ -75,23 +80,29 @@ class StaticSegment:
         self.positions = like.positions.new_zeros(*like.positions.shape[:-1], length)
         self.segments = like.valid.new_zeros(batch, length, dtype=torch.long) if segmented else None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: tuple[LayeredKVCache, torch.Tensor] | None = None
+        self.outputs: tuple[LayeredKVCache, torch.Tensor, AttentionStats | None] | None = None
 
-    def _run(self, ctx: GenerationContext) -> tuple[LayeredKVCache, torch.Tensor]:
+    def _buffered_state(self) -> LayerState:
+        return LayerState(hidden=self.hidden, valid=self.valid, is_visual=torch.zeros_like(self.valid),
+                          positions=self.positions, source_index=torch.zeros_like(self.valid, dtype=torch.long))
+
+    def _run(self, ctx: GenerationContext) -> tuple[LayeredKVCache, torch.Tensor, AttentionStats | None]:
         engine = self.engine
-        state = LayerState(hidden=self.hidden, valid=self.valid, is_visual=torch.zeros_like(self.valid),
-                           positions=self.positions, source_index=torch.zeros_like(self.valid, dtype=torch.long))
         cache = LayeredKVCache(len(engine.adapter.layers))
         mask_mod = None if self.segments is None else segment_mask(self.segments)  # read from the buffer per replay
-        state, _, _ = engine.run_layers(ctx, state, cache, set(), start=self.start, stop=self.stop, hooks=False,
-                                        mask_mod=mask_mod, compiled=engine.compile)
-        return cache, state.hidden
+        state, _, _ = engine.run_layers(ctx, self._buffered_state(), cache, set(), start=self.start, stop=self.stop,
+                                        hooks=False, mask_mod=mask_mod, compiled=engine.compile)
+        return cache, state.hidden, None
 
     def run(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache,
             segments: torch.Tensor | None = None) -> LayerState:
         """Run the segment's layers on the packed ``state`` (with ``segments``, each token's segment of a shared
         prefix, for a segment built ``segmented``): write their keys, values and validity (cut to the real length)
         into ``cache`` and return the state after them."""
+        return self._replay(ctx, state, cache, segments)[0]
+
+    def _replay(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache,
+                segments: torch.Tensor | None) -> tuple[LayerState, AttentionStats | None]:
         length = state.valid.shape[1]
         if segments is not None:
             self.segments[:, :length].copy_(segments)
@@ -102,23 +113,69 @@ class StaticSegment:
         self.positions[..., :length].copy_(state.positions)
         self.positions[..., length:] = 0
         if not self.graphed:
-            written, hidden = self._run(ctx)
+            written, hidden, stats = self._run(ctx)
         else:
             if self.graph is None:
                 self.graph, self.outputs = capture_graph(lambda: self._run(ctx))
             self.graph.replay()
-            written, hidden = self.outputs
+            written, hidden, stats = self.outputs
         for layer in range(self.start, self.stop):
             cache.keys[layer] = written.keys[layer][..., :length, :]
             cache.values[layer] = written.values[layer][..., :length, :]
             cache.valid[layer] = written.valid[layer][:, :length]
-        return dataclasses.replace(state, hidden=hidden[:, :length].clone(), key_valid=None)
+        if stats is not None:  # the real rows and keys
+            stats = AttentionStats(lse=stats.lse[..., :length].clone(),
+                                   key_mass=None if stats.key_mass is None else stats.key_mass[..., :length].clone())
+        return dataclasses.replace(state, hidden=hidden[:, :length].clone(), key_valid=None), stats
+
+
+class ActingLayer(StaticSegment):
+    """One layer at which interventions act (their hooks run eagerly around it), with its attention statistics:
+    ``lse`` and, for a layer built with ``statistics``, the key mass of the query rows that ``run`` is given."""
+
+    def __init__(self, engine: Engine, like: LayerState, length: int, layer: int, statistics: bool):
+        super().__init__(engine, like, length, layer, layer + 1, segmented=False)
+        self.mass_queries = like.valid.new_zeros(like.valid.shape[0], length, dtype=torch.float32) \
+            if statistics else None
+
+    def _run(self, ctx: GenerationContext) -> tuple[LayeredKVCache, torch.Tensor, AttentionStats | None]:
+        engine = self.engine
+        cache = LayeredKVCache(len(engine.adapter.layers))
+        state = self._buffered_state()
+        call = LayerAttention(key_valid=cache.extend_valid(self.start, state.valid), backend=engine.attention_backend,
+                              mass_queries=self.mass_queries)
+        rotary = engine.adapter.rotary(state.hidden, state.positions)
+        hidden = engine.forward_layer(self.start, state, cache, call, rotary, compiled=engine.compile)
+        return cache, hidden, call.stats
+
+    def run_with_statistics(self, ctx: GenerationContext, state: LayerState, cache: LayeredKVCache,
+                            mass_queries: torch.Tensor | None) -> tuple[LayerState, AttentionStats | None]:
+        """The layer on the packed ``state``, as :meth:`StaticSegment.run`, and its attention statistics (None where
+        the attention path gives none); ``mass_queries [B, L]``: the query rows' weights, for a layer built with
+        ``statistics``."""
+        if self.mass_queries is not None:
+            length = state.valid.shape[1]
+            self.mass_queries[:, :length].copy_(mass_queries)
+            self.mass_queries[:, length:] = 0  # the padding rows add nothing to any key's mass
+        return self._replay(ctx, state, cache, None)
 
 
 def static_segment(engine: Engine, state: LayerState, start: int, stop: int, segmented: bool = False) -> StaticSegment:
     """The engine's static segment for these layers, batch size and bucketed length; ``segmented``: with a
     segment table (a shared-prefix prefill)."""
     length = bucketed(state.valid.shape[1])
-    key = (start, stop, state.valid.shape[0], length, state.positions.dim(), state.hidden.dtype,
-           str(state.hidden.device), segmented)
+    key = (start, stop, *_layout(state), segmented)
     return engine.static_prefills.get(key, lambda: StaticSegment(engine, state, length, start, stop, segmented))
+
+
+def acting_layer(engine: Engine, state: LayerState, layer: int, statistics: bool) -> ActingLayer:
+    """The engine's :class:`ActingLayer` for this layer, batch size and bucketed length; ``statistics``: with the
+    key mass of query rows."""
+    key = (layer, layer + 1, *_layout(state), "acting", statistics)
+    return engine.static_prefills.get(
+        key, lambda: ActingLayer(engine, state, bucketed(state.valid.shape[1]), layer, statistics))
+
+
+def _layout(state: LayerState) -> tuple:
+    return (state.valid.shape[0], bucketed(state.valid.shape[1]), state.positions.dim(), state.hidden.dtype,
+            str(state.hidden.device))
