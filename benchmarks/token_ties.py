@@ -1,6 +1,7 @@
 """Where a graph configuration's greedy tokens leave the eager walk's, and whether the eager logits are tied there.
 
     cd benchmarks && python token_ties.py   # on a GPU: the 7B shapes, in bf16
+    cd benchmarks && python token_ties.py --model llava-1.5-7b --only pdrop:keep=64   # some of them
 
 ``e2e.py``'s ``tokens_match_dynamic`` says whether a configuration's CUDA-graph path gives the eager layer walk's
 greedy tokens. For each configuration here (the ones that differed in a run, fastv as a control, the eager walk
@@ -13,6 +14,8 @@ token. A margin of 0 or one bf16 step means the two paths split a tie by roundin
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 import vlmkit
@@ -24,16 +27,21 @@ COMPILED_WALK = {"compile": True, "decode": "dynamic", "prefill": "dynamic"}
 COMPILED_GRAPHS = {"compile": True}
 LABELS = [(COMPILED_WALK, " (compiled walk)"), (COMPILED_GRAPHS, " (compiled graphs)")]  # fast-path options: name
 #: per model: (pruner, the fast path's options: {} for CUDA graphs)
-CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}), (None, COMPILED_WALK),
-                            (None, COMPILED_GRAPHS)],
+CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("pdrop:keep=64", {}), ("fastv:keep=64", {}),
+                            (None, COMPILED_WALK), (None, COMPILED_GRAPHS)],
            "qwen2.5-vl-7b": [("pdrop:keep=64", {}), ("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}),
                              (None, COMPILED_WALK), (None, COMPILED_GRAPHS), ("uniform:keep=64", COMPILED_GRAPHS)]}
 NEW_TOKENS = 32
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(CONFIGS), nargs="*", default=list(CONFIGS))
+    parser.add_argument("--only", nargs="*", help="these pruners only (as CONFIGS spells them; 'dense': none)")
+    args = parser.parse_args()
     engine.COMPILE_MIN_TOKENS = 0  # the compiled walk at batch 1: where do compiled layers round differently?
-    for model_name, specs in CONFIGS.items():
+    for model_name in args.model:
+        specs = [(spec, path) for spec, path in CONFIGS[model_name] if not args.only or (spec or "dense") in args.only]
         model, processor = shaped_model(model_name, dtype=torch.bfloat16, device="cuda")
         image = random_images(1, SHAPED[model_name][1]["image_size"])[0]
         for spec, fast_path in specs:
