@@ -16,8 +16,9 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
 
 When every intervention that acts inside the language model's prefill says at which layers (``prefill_layers``),
 step 3 calls their hooks eagerly and runs the layers in fixed-shape buffers of bucketed length, replayed as CUDA
-graphs on CUDA (static_prefill.py; a layer whose attention a hook biases, masks or edits runs eagerly); the vision forward of small batches replays as a CUDA graph
-where the adapter allows it (LLaVA's CLIP tower, Qwen's ViT with its grid layout precomputed; ``graphs.py``).
+graphs on CUDA (static_prefill.py; a layer whose attention a hook biases, masks or edits runs eagerly); the vision
+forward of small batches replays as a CUDA graph where the adapter allows it (LLaVA's CLIP tower, Qwen's ViT with its
+grid layout precomputed; ``graphs.py``).
 """
 
 from __future__ import annotations
@@ -508,7 +509,8 @@ class Engine:
             result = RowResult(token_ids=ids, text=text.strip(), stats={
                 "visual_tokens_in": int(batch.is_visual[row].sum()), "visual_tokens_kept": 0,
                 "visual_tokens_by_layer": [0] * len(self.adapter.layers), "visual_tokens_mean_over_layers": 0.0,
-                "prefill_tflops": 0.0, "kept_visual_indices": [], "prefill_s": 0.0, "decode_s": 0.0, "new_tokens": len(ids),
+                "prefill_tflops": 0.0, "kept_visual_indices": [], "prefill_s": 0.0, "decode_s": 0.0,
+                "new_tokens": len(ids),
             })
             _add_method_stats(result, ctx, row)
             rows.append(result)

@@ -131,7 +131,7 @@ class StaticSegment:
 
 class ActingLayer(StaticSegment):
     """One layer at which interventions act (their hooks run eagerly around it), with its attention statistics:
-    ``lse`` and, for a layer built with ``statistics``, the key mass of the query rows that ``run`` is given."""
+    ``lse`` and, for a layer built with ``statistics``, the key mass of the query rows it is given."""
 
     def __init__(self, engine: Engine, like: LayerState, length: int, layer: int, statistics: bool):
         super().__init__(engine, like, length, layer, layer + 1, segmented=False)
