@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import vlmkit
+from vlmkit.kernels.interface import LayerAttention
 from vlmkit.runtime.cache import LayeredKVCache
 from vlmkit.runtime import graphs
 from vlmkit.runtime.graphs import GraphedCalls
 from vlmkit.runtime.hooks import AttentionRequest, GenerationContext, Intervention
-from vlmkit.runtime.static_prefill import LENGTH_BUCKET, static_segment
+from vlmkit.runtime.static_prefill import LENGTH_BUCKET, acting_layer, static_segment
 from vlmkit.testing import FAMILIES, tiny_model, tokens_of
 
 
@@ -40,6 +41,38 @@ def test_padded_segment_gives_the_walks_logits_and_cache(tiny, images, prompts, 
             # [B, H, L, D] -> the real tokens [n, H, D] (padding slots are masked and hold anything)
             torch.testing.assert_close(mine[layer].transpose(1, 2)[valid], theirs[layer].transpose(1, 2)[valid],
                                        rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("statistics", [False, True])
+def test_padded_acting_layer_gives_the_layers_output_and_statistics(tiny, images, prompts, family, statistics):
+    vlm = vlmkit.wrap(*tiny(family))
+    engine = vlm.engine
+    batch = vlm.adapter.prepare(images, prompts)
+    ctx = GenerationContext(adapter=vlm.adapter, prompts=prompts, images=images)
+    state, _, _ = engine.initial_state(ctx, batch)
+    queries = state.last_token if statistics else None
+    layer = acting_layer(engine, state, 1, statistics)
+    assert layer.hidden.shape[1] > state.valid.shape[1]  # padded
+    padded_cache = LayeredKVCache(len(vlm.adapter.layers))
+    after, stats = layer.run_with_statistics(ctx, state, padded_cache, queries)
+
+    cache = LayeredKVCache(len(vlm.adapter.layers))
+    call = LayerAttention(key_valid=cache.extend_valid(1, state.valid), mass_queries=queries)
+    hidden = engine.forward_layer(1, state, cache, call, vlm.adapter.rotary(state.hidden, state.positions))
+    valid = state.valid
+    torch.testing.assert_close(after.hidden[valid], hidden[valid], rtol=1e-5, atol=1e-5)
+    assert torch.equal(padded_cache.valid[1], cache.valid[1])
+    torch.testing.assert_close(padded_cache.keys[1].transpose(1, 2)[valid], cache.keys[1].transpose(1, 2)[valid])
+    if not statistics:  # on the CPU, plain attention runs through sdpa, which gives no statistics
+        assert stats is None and call.stats is None
+        return
+    assert stats.lse.shape == call.stats.lse.shape
+    torch.testing.assert_close(stats.lse.transpose(1, 2)[valid], call.stats.lse.transpose(1, 2)[valid])
+    # every key's attention mass from each row's last token, the padding rows adding nothing
+    assert stats.key_mass.shape == call.stats.key_mass.shape
+    torch.testing.assert_close(stats.key_mass, call.stats.key_mass, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.key_mass.sum(dim=-1), torch.ones_like(stats.key_mass[..., 0]))
 
 
 @pytest.mark.parametrize("family,pruner,num_beams,decode", [
