@@ -151,8 +151,10 @@ class Engine:
         )
 
     # -- the layer walk -------------------------------------------------------------------------------------------
-    def _attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, cache,
-                        attending: list[Intervention], mask_mod: TritonMask | None) -> LayerAttention:
+    def attention_call(self, ctx: GenerationContext, layer: int, state: LayerState, cache,
+                       attending: Sequence[Intervention] = (), mask_mod: TritonMask | None = None) -> LayerAttention:
+        """Layer ``layer``'s attention request: the state's key validity, the cache's shared prefix, ``mask_mod``
+        and what the ``attending`` interventions ask for."""
         requests = [r for i in attending if (r := i.attention(ctx, layer, state)) is not None]
         call = LayerAttention(key_valid=state.key_valid, backend=self.attention_backend, mask_mod=mask_mod,
                               prefix=cache.shared_prefix(layer))
@@ -187,7 +189,7 @@ class Engine:
             if prefill:
                 visual_counts.append(state.is_visual.sum(dim=1))
             state.key_valid = cache.extend_valid(index, state.valid)
-            call = self._attention_call(ctx, index, state, cache, attending, mask_mod)
+            call = self.attention_call(ctx, index, state, cache, attending, mask_mod)
             state.hidden = self.forward_layer(index, state, cache, call, rotary, compiled)
             after = self._after_layer(ctx, index, state, call.stats, editors, pruners)
             if after is not state:
@@ -422,7 +424,7 @@ class Engine:
         itself runs as a static :class:`~vlmkit.runtime.static_prefill.ActingLayer` when its attention request asks
         at most for the statistics of query rows given as a tensor (a pruner's ranking), else eagerly."""
         state.key_valid = cache.extend_valid(layer, state.valid)
-        call = self._attention_call(ctx, layer, state, cache, self._with("attention"), None)
+        call = self.attention_call(ctx, layer, state, cache, self._with("attention"))
         if call.only_statistics and not isinstance(call.mass_queries, tuple):
             graphed = acting_layer(self, state, layer, statistics=call.mass_queries is not None)
             state, stats = graphed.run_with_statistics(ctx, state, cache, call.mass_queries)

@@ -7,7 +7,7 @@ right-padded with invalid tokens, and on CUDA replays one captured graph per (la
 
 Which layers are free of hooks: an intervention that overrides a layer hook (:data:`LAYER_HOOKS`) says at which
 layers it may act with :meth:`~vlmkit.runtime.hooks.Intervention.prefill_layers` (FastV: layer K-1, PDrop: its stage
-boundaries, ...). The engine calls their hooks eagerly and runs the runs of layers between them as segments; with no
+boundaries, ...). The engine calls their hooks eagerly and replays the layers between them as segments; with no
 such intervention the whole prefill is one segment. An acting layer itself runs in the same padded buffers, as a
 one-layer :class:`ActingLayer` that also hands out its attention statistics (the LSE and, when a hook asks for them,
 the key mass of the query rows it names, padding rows weighted 0), when its attention request asks for nothing else;
@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vlmkit.kernels.interface import LayerAttention
 from vlmkit.kernels.masks import segment_mask
 from vlmkit.kernels.reference import AttentionStats
 from vlmkit.runtime.cache import LayeredKVCache
@@ -142,8 +141,9 @@ class ActingLayer(StaticSegment):
         engine = self.engine
         cache = LayeredKVCache(len(engine.adapter.layers))
         state = self._buffered_state()
-        call = LayerAttention(key_valid=cache.extend_valid(self.start, state.valid), backend=engine.attention_backend,
-                              mass_queries=self.mass_queries)
+        state.key_valid = cache.extend_valid(self.start, state.valid)
+        call = engine.attention_call(ctx, self.start, state, cache)
+        call.mass_queries = self.mass_queries
         rotary = engine.adapter.rotary(state.hidden, state.positions)
         hidden = engine.forward_layer(self.start, state, cache, call, rotary, compiled=engine.compile)
         return cache, hidden, call.stats
