@@ -30,18 +30,22 @@ LABELS = [(COMPILED_WALK, " (compiled walk)"), (COMPILED_GRAPHS, " (compiled gra
 CONFIGS = {"llava-1.5-7b": [("dyvte:exit_layer=2", {}), ("pdrop:keep=64", {}), ("fastv:keep=64", {}),
                             (None, COMPILED_WALK), (None, COMPILED_GRAPHS)],
            "qwen2.5-vl-7b": [("pdrop:keep=64", {}), ("dyvte:exit_layer=2", {}), ("fastv:keep=64", {}),
-                             (None, COMPILED_WALK), (None, COMPILED_GRAPHS), ("uniform:keep=64", COMPILED_GRAPHS)]}
+                             (None, COMPILED_WALK), (None, COMPILED_GRAPHS), ("uniform:keep=64", COMPILED_GRAPHS),
+                             ("random:keep=64", COMPILED_GRAPHS), ("pdrop:keep=64", COMPILED_GRAPHS),
+                             ("dyvte:exit_layer=2", COMPILED_GRAPHS), ("fastv:keep=64,debias=exp", COMPILED_GRAPHS)]}
 NEW_TOKENS = 32
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(CONFIGS), nargs="*", default=list(CONFIGS))
-    parser.add_argument("--only", nargs="*", help="these pruners only (as CONFIGS spells them; 'dense': none)")
+    parser.add_argument("--only", nargs="*", help="these configurations only, as CONFIGS spells the pruner ('dense': "
+                        "none) or as the output names them ('uniform:keep=64 (compiled graphs)')")
     args = parser.parse_args()
-    engine.COMPILE_MIN_TOKENS = 0  # the compiled walk at batch 1: where do compiled layers round differently?
+    compile_min_tokens = engine.COMPILE_MIN_TOKENS
     for model_name in args.model:
-        specs = [(spec, path) for spec, path in CONFIGS[model_name] if not args.only or (spec or "dense") in args.only]
+        specs = [(spec, path) for spec, path in CONFIGS[model_name]
+                 if not args.only or {spec or "dense", label(spec, path)} & set(args.only)]
         model, processor = shaped_model(model_name, dtype=torch.bfloat16, device="cuda")
         image = random_images(1, SHAPED[model_name][1]["image_size"])[0]
         for spec, fast_path in specs:
@@ -49,7 +53,9 @@ def main() -> None:
                 vlm = vlmkit.wrap(model, processor, pruner=spec, **kwargs)
                 return vlm.generate(image, PROMPT, max_new_tokens=NEW_TOKENS)[0].token_ids
 
-            name = (spec or "dense") + next((label for options, label in LABELS if options == fast_path), "")
+            name = label(spec, fast_path)
+            # the compiled walk at batch 1: where do compiled layers round differently? (graphs as e2e.py runs them)
+            engine.COMPILE_MIN_TOKENS = 0 if fast_path == COMPILED_WALK else compile_min_tokens
             fast = tokens(**fast_path)
             slow = tokens(decode="dynamic", prefill="dynamic")
             recorder = LogitRecorder()
@@ -66,6 +72,10 @@ def main() -> None:
                   f"{float(logits.std()):.3f}", flush=True)
         del model
         torch.cuda.empty_cache()
+
+
+def label(spec: str | None, fast_path: dict) -> str:
+    return (spec or "dense") + next((name for options, name in LABELS if options == fast_path), "")
 
 
 if __name__ == "__main__":

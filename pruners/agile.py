@@ -20,6 +20,7 @@ source for encoders without [CLS] (Qwen) is unknown.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vlmkit.errors import ConfigError
@@ -30,32 +31,42 @@ from vlmkit.runtime.hooks import GenerationContext, Selection, VisualTokens
 
 
 def erank(features: torch.Tensor) -> float:
-    """Effective rank ``exp(H(sigma / sum sigma))`` of a ``[N, D]`` feature matrix."""
-    sigma = torch.linalg.svdvals(features.double())
+    """Effective rank ``exp(H(sigma / sum sigma))`` of a ``[N, D]`` feature matrix, in float64. The singular values
+    are the square roots of the eigenvalues of the smaller Gram matrix (min(N, D) square): a symmetric eigensolver on
+    it is several times faster than an SVD of the features. Singular values under about 1e-7 of the largest (the
+    float64 Gram matrix's rounding floor) are not resolved this way; the result agrees with the SVD's to about 1e-6
+    relative, rank-deficient features included (the tests)."""
+    x = features.double()
+    gram = x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x
+    sigma = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
     p = sigma / sigma.sum()
     return float(torch.exp(-(p * p.clamp(min=1e-300).log()).sum()))
 
 
 def suppress_select(scores: torch.Tensor, features: torch.Tensor, count: int, complexity: float, scale: float,
                     tau_max: float, order: str = "selected") -> torch.Tensor:
-    """Indices of ``count`` tokens picked by attention-ordered NMS on cosine distance (see the module docstring)."""
+    """Indices of ``count`` tokens picked by attention-ordered NMS on cosine distance (see the module docstring).
+
+    The pairwise cosine distances are one matrix product on the features' device, read back once; the greedy walk
+    runs on the host. It visits the tokens in attention order: the best remaining candidate is always the next one
+    not yet suppressed, since suppression is never undone."""
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
-    ranking = scores.argsort(descending=True, stable=True)
-    rank_of = torch.empty_like(ranking)
-    rank_of[ranking] = torch.arange(ranking.numel(), device=ranking.device)
-    alive = torch.ones(ranking.numel(), dtype=torch.bool, device=scores.device)
+    distance = (1.0 - unit @ unit.T).cpu().numpy()
+    ranking = scores.argsort(descending=True, stable=True).cpu().numpy()
+    alive = np.ones(len(ranking), dtype=bool)
     picked: list[int] = []
-    while len(picked) < count and bool(alive.any()):
-        best = int(ranking[alive[ranking]][0])
-        picked.append(best)
-        alive[best] = False
-        position = len(picked) if order == "selected" else int(rank_of[best]) + 1
-        tau = min(position * complexity * scale, tau_max)
-        alive &= (1.0 - unit @ unit[best]) >= tau
+    for rank, token in enumerate(ranking.tolist()):
+        if len(picked) == count:
+            break
+        if not alive[token]:
+            continue
+        picked.append(token)
+        alive[token] = False
+        position = len(picked) if order == "selected" else rank + 1
+        alive &= distance[token] >= min(position * complexity * scale, tau_max)
     if len(picked) < count:  # refill with the suppressed tokens, best attention first
-        taken = torch.zeros_like(alive)
-        taken[picked] = True
-        picked += ranking[~taken[ranking]][: count - len(picked)].tolist()
+        taken = set(picked)
+        picked += [token for token in ranking.tolist() if token not in taken][: count - len(picked)]
     return torch.tensor(picked, device=scores.device)
 
 

@@ -15,6 +15,38 @@ def test_erank_of_known_spectra():
     assert erank(torch.ones(6, 4)) == pytest.approx(1.0)
 
 
+def test_erank_equals_the_svd_definition_on_random_features():
+    torch.manual_seed(2)
+    for features in (torch.randn(40, 24), torch.randn(24, 40), torch.randn(40, 3) @ torch.randn(3, 24)):
+        sigma = torch.linalg.svdvals(features.double())
+        p = sigma / sigma.sum()
+        assert erank(features) == pytest.approx(float(torch.exp(-(p * p.clamp(min=1e-300).log()).sum())), rel=1e-6)
+
+
+def reference_suppress_select(scores, features, count, complexity, scale, tau_max, order):
+    """The method as written: take the best remaining candidate, drop the candidates within tau of it, repeat."""
+    unit = torch.nn.functional.normalize(features.double(), dim=-1)
+    ranking = scores.argsort(descending=True, stable=True).tolist()
+    alive, picked = set(ranking), []
+    while len(picked) < count and alive:
+        best = next(token for token in ranking if token in alive)
+        picked.append(best)
+        position = len(picked) if order == "selected" else ranking.index(best) + 1
+        tau = min(position * complexity * scale, tau_max)
+        alive = {t for t in alive if t != best and float(1 - unit[t] @ unit[best]) >= tau}
+    return picked + [t for t in ranking if t not in picked][: count - len(picked)]
+
+
+@pytest.mark.parametrize("order", ["selected", "rank"])
+def test_suppression_matches_the_reference_walk(order):
+    torch.manual_seed(3)
+    for trial in range(6):
+        features = torch.randn(48, 8) + 2.0 * torch.randn(8)  # a shared direction: many near neighbours
+        scores, count = torch.rand(48), int(torch.randint(1, 48, ()))
+        expected = reference_suppress_select(scores, features, count, 1.0 + trial, 0.01, 0.5, order)
+        assert suppress_select(scores, features, count, 1.0 + trial, 0.01, 0.5, order).tolist() == expected
+
+
 def test_near_duplicates_of_a_pick_are_suppressed():
     torch.manual_seed(0)
     features = torch.randn(10, 16)

@@ -9,7 +9,7 @@ import torch
 
 import vlmkit
 from vlmkit.errors import ConfigError
-from vlmkit.pruners.zoo import ZooPrune, random_directions, sensitivity
+from vlmkit.pruners.zoo import ZooPrune, mlp_sensitivity, random_directions, sensitivity
 from vlmkit.runtime.hooks import GenerationContext, Intervention
 
 
@@ -33,6 +33,21 @@ def test_nonlinear_projector_matches_jvp():
     estimate = sensitivity(mlp, x, directions, step=1e-3)
     torch.testing.assert_close(estimate, exact, rtol=1e-3, atol=1e-4)
     assert exact.std() > 1e-3  # the GELU makes sensitivity token-dependent
+
+
+@pytest.mark.parametrize("last_dtype", [torch.float32, torch.bfloat16])
+def test_mlp_sensitivity_equals_the_direct_differences(last_dtype):
+    torch.manual_seed(4)
+    first, act, last = torch.nn.Linear(16, 48), torch.nn.GELU(), torch.nn.Linear(48, 24)
+    x = torch.randn(20, 16) * 3
+    directions = random_directions(12, 16, seed=1)
+    with torch.no_grad():
+        project, x64 = copy.deepcopy(torch.nn.Sequential(first, act, last)).double(), x.double()
+        direct = torch.stack([(project(x64 + 0.01 * u) - project(x64 - 0.01 * u)).norm(dim=-1) / 0.02
+                              for u in directions.double()]).mean(dim=0)  # the definition, in float64
+        estimate = mlp_sensitivity(first.float(), act, last.to(last_dtype), x, directions, 0.01, chunk=5)
+    torch.testing.assert_close(estimate.double(), direct, rtol=5e-5 if last_dtype == torch.float32 else 2e-3, atol=0)
+    assert direct.std() > 1e-2 * direct.mean()  # a token-dependent signal, which the tolerance resolves
 
 
 class Tokens(Intervention):
