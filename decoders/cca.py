@@ -15,7 +15,8 @@ For an image whose visual tokens form an ``R × C`` grid (raster order), the rin
 
 CCA is a training-time change: use it on CCA-trained checkpoints (their config has
 ``concentric_causal_attention = true``). On a stock model it is out of distribution and only runs with the explicit
-opt-in ``training_free=True``. It has no strength; there is nothing to tune at decode time (no overhead).
+opt-in ``training_free=True``. It has no strength; there is nothing to tune at decode time (no overhead): it acts in
+the prefill only, so its decode steps replay as a CUDA graph like plain greedy decoding's.
 
 Beyond the paper (which only defines the 24 × 24 LLaVA grid): general ``R × C`` grids (Qwen's native resolution),
 batches with different image offsets (the code keeps only the last sample's positions), visual tokens dropped by a
@@ -70,6 +71,8 @@ def concentric_positions(positions: torch.Tensor, rings: torch.Tensor) -> torch.
 
 @register("cca")
 class ConcentricCausalAttention(Decoder):
+    acts_in_decode = False  # decoded tokens see every key: the mask and the positions are the prefill's business
+
     def __init__(self, training_free: bool = False):
         self.training_free = training_free
 

@@ -10,7 +10,9 @@ Information Steering" (ICML 2025, arXiv 2502.03628); code ``LzVv123456/VISTA``. 
   ``(1 - gamma) * logits + gamma * mean_l lm_head(norm(h_l))``.
 
 ``strength=0`` switches the VSV off (no extra passes), ``gamma=0`` switches SLA off; both 0 is greedy decoding.
-Works with greedy, sampling and beam search, batch > 1 (one VSV per sample; beams use their sample's vector).
+Works with greedy, sampling and beam search, batch > 1 (one VSV per sample; beams use their sample's vector). The
+decode-time steering and SLA are tensor work at every step, so they run inside the decode step's CUDA graph: the
+vectors are copied into a buffer this decoder keeps per shape, which the graph reads at a fixed address.
 
 Paper vs code (paper is the default; the code's variant is an option):
 
@@ -45,6 +47,8 @@ FORMULAS = ("paper", "code")
 
 @register("vista")
 class Vista(Decoder):
+    decode_in_graph = True
+
     def __init__(self, strength: float = 0.17, gamma: float = 0.3, window: int = 5, formula: str = "paper",
                  steer_prompt: bool = False, sla_norm: bool = True):
         if formula not in FORMULAS:
@@ -56,6 +60,7 @@ class Vista(Decoder):
         self.strength, self.gamma, self.window = float(strength), float(gamma), int(window)
         self.formula, self.steer_prompt, self.sla_norm = formula, steer_prompt, sla_norm
         self.logit_hidden_layers = tuple(range(-1 - self.window, -1)) if self.gamma else ()
+        self._vectors: dict[tuple, torch.Tensor] = {}  # the steering vectors' buffer per shape, dtype and device
 
     # -- VSV ------------------------------------------------------------------------------------------------------
     def prepare(self, ctx: GenerationContext, inputs: PreparedBatch) -> None:
@@ -72,7 +77,11 @@ class Vista(Decoder):
         negative = self.text_only_state(ctx, inputs, mrope=positive.positions.dim() == 3)
         layers = set(range(len(ctx.adapter.layers)))
         last = [bare.run_layers(pass_ctx, state, LayeredKVCache(len(layers)), layers)[1] for state in (positive, negative)]
-        ctx.scratch[self.name] = torch.stack([last[0][l] - last[1][l] for l in sorted(layers)])  # [L, B, D]
+        vectors = torch.stack([last[0][l] - last[1][l] for l in sorted(layers)])  # [L, B, D]
+        key = (vectors.shape, vectors.dtype, vectors.device)
+        if key not in self._vectors:
+            self._vectors[key] = torch.empty_like(vectors)
+        ctx.scratch[self.name] = self._vectors[key].copy_(vectors)
 
     @staticmethod
     def text_only_state(ctx: GenerationContext, inputs: PreparedBatch, mrope: bool) -> LayerState:

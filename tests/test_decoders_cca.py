@@ -78,3 +78,16 @@ def test_training_free_generation_with_a_pruner(tiny, images, prompts, family):
         images, prompts, max_new_tokens=4)
     assert [g.stats["visual_tokens_kept"] for g in out] == [4, 4, 4]
     assert [g.token_ids for g in out] != [g.token_ids for g in greedy]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_decode_runs_on_the_static_cache_with_the_dynamic_tokens(tiny, images, prompts, family):
+    model, processor = tiny(family)
+    cca = ["cca:training_free=true"]
+    dynamic = vlmkit.wrap(model, processor, decoders=cca, decode="dynamic").generate(images, prompts, max_new_tokens=8)
+    vlm = vlmkit.wrap(model, processor, decoders=cca, decode="static")
+    static = vlm.generate(images, prompts, max_new_tokens=8)
+    assert len(vlm.engine.static_decoders.items) == 1  # CCA acts in the prefill only
+    assert [g.token_ids for g in static] == [g.token_ids for g in dynamic]
+    greedy = vlmkit.wrap(model, processor, decode="static").generate(images, prompts, max_new_tokens=8)
+    assert [g.token_ids for g in static] != [g.token_ids for g in greedy]  # and it does act there

@@ -61,3 +61,16 @@ def test_beam_search_sampling_and_pruner(tiny, images, prompts):
     pruned = vlmkit.wrap(model, processor, pruner="uniform:keep=5", decoders=[spec]).generate(
         images, prompts, max_new_tokens=4)
     assert [g.stats["visual_tokens_kept"] for g in pruned] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_decode_runs_on_the_static_cache_with_the_dynamic_tokens(tiny, images, prompts, family):
+    model, processor = tiny(family)
+    spec = ["vista:strength=1.0,gamma=0.3,window=2"]
+    static = vlmkit.wrap(model, processor, decoders=spec, decode="static")
+    dynamic = vlmkit.wrap(model, processor, decoders=spec, decode="dynamic")
+    for options in ({}, {"num_beams": 2}):
+        for order in (slice(None), slice(None, None, -1)):  # other vectors through the same static decoder
+            assert tokens_of(static.generate(images[order], prompts[order], max_new_tokens=6, **options)) == \
+                tokens_of(dynamic.generate(images[order], prompts[order], max_new_tokens=6, **options))
+    assert static.engine.static_decoders.items  # the steering ran inside the static step

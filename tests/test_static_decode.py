@@ -92,16 +92,18 @@ def test_static_cache_writes_one_slot_per_step(tiny, images, prompts):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-@pytest.mark.parametrize("pruner", [None, "fastv:keep=8"])
-def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pruner):
+@pytest.mark.parametrize("pruner,decoders", [(None, []), ("fastv:keep=8", []), (None, ["cca:training_free=true"]),
+                                             (None, ["vista:strength=1.0,gamma=0.3,window=2"])])
+def test_cuda_graph_decode_gives_the_dynamic_tokens(images, prompts, family, pruner, decoders):
     model, processor = tiny_model(family, dtype=torch.bfloat16)
     model.cuda()
-    graphed = vlmkit.wrap(model, processor, pruner=pruner)  # decode="auto": CUDA graphs on a GPU
-    fast = graphed.generate(images, prompts, max_new_tokens=16)
-    (decoder,) = graphed.engine.static_decoders.items.values()
-    assert decoder.graph is not None
-    slow = vlmkit.wrap(model, processor, pruner=pruner, decode="dynamic").generate(images, prompts, max_new_tokens=16)
-    assert tokens_of(fast) == tokens_of(slow)
+    graphed = vlmkit.wrap(model, processor, pruner=pruner, decoders=decoders)  # decode="auto": CUDA graphs on a GPU
+    eager = vlmkit.wrap(model, processor, pruner=pruner, decoders=decoders, decode="dynamic")
+    for order in (slice(None), slice(None, None, -1)):  # the second call replays the first one's graph
+        fast = graphed.generate(images[order], prompts[order], max_new_tokens=16)
+        (decoder,) = graphed.engine.static_decoders.items.values()
+        assert decoder.graph is not None
+        assert tokens_of(fast) == tokens_of(eager.generate(images[order], prompts[order], max_new_tokens=16))
 
 
 def test_auto_graphs_short_answers_when_their_layout_recurs(tiny, images, prompts, monkeypatch):

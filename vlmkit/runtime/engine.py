@@ -118,9 +118,10 @@ class Engine:
         return [i for i in self.interventions if i.overrides(hook)]
 
     @property
-    def decode_is_plain(self) -> bool:
-        """No intervention acts during decoding: the steps may replay as a graph and run ahead of the host."""
-        return not any(i.acts_in_decode for i in self.interventions)
+    def decode_replays(self) -> bool:
+        """Every intervention that acts during decoding does so inside the step (``decode_in_graph``): the steps may
+        replay as a graph and run ahead of the host."""
+        return all(i.decode_in_graph or not i.acts_in_decode for i in self.interventions)
 
     # -- sequence packing -----------------------------------------------------------------------------------------
     @staticmethod
@@ -552,8 +553,8 @@ class Engine:
     def decode_steps(self, ctx, cache: LayeredKVCache, next_position: torch.Tensor) -> DecodeSteps:
         """The decode step of this generation: the static cache (and a CUDA graph on CUDA) when the decode mode and
         the interventions allow it (``static_decode.py``), else the dynamic walk over ``cache``."""
-        if self.decode_is_plain:
-            layout = decoder_layout(cache, next_position, ctx.max_new_tokens)
+        if self.decode_replays:
+            layout = decoder_layout(cache, next_position, ctx.max_new_tokens, ctx.num_beams)
             if self._decodes_static(ctx, layout):
                 decoder = static_decoder(self, cache, next_position, layout)
                 return DecodeSteps(functools.partial(decoder.step, ctx), decoder.cache)
@@ -613,7 +614,7 @@ class _TokenDecoder:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         rows = torch.arange(batch, device=logits.device)
         steps = self.engine.decode_steps(self.ctx, self.cache, self.next_position)
-        ahead = self.engine.decode_is_plain
+        ahead = self.engine.decode_replays
         for step in range(self.max_new_tokens):
             self.ctx.step = step
             tokens = self.choose(logits)

@@ -33,7 +33,12 @@ still be filled in later). They never replace the engine's own keys.
 Speed: the runtime replays the layers at which no hook acts as CUDA graphs (``static_prefill.py``). An intervention
 that overrides a layer hook (``attention``, ``after_layer``, ``edit_residual``) says at which prefill layers it may
 act with ``prefill_layers``; returning None (the default) or overriding ``edit_logits`` keeps the whole prefill on the
-eager walk. ``acts_in_decode`` decides the same for decoding.
+eager walk. ``acts_in_decode`` decides the same for decoding, and ``decode_in_graph`` lets an intervention's decode
+hooks into the decode step's CUDA graph (``static_decode.py``) under a contract: during decoding only ``attention``,
+``edit_residual`` and ``edit_logits`` act; at every step they issue the same tensor operations and read nothing back
+to the host; and every tensor they read that was made outside the step lives at an address that stays fixed from
+call to call (keep per-call values in a buffer of your own and copy into it). Python values may differ between calls
+only through what the static decoder is keyed by: batch rows, beams per sample, cache capacities, dtype, device.
 
 Positions are never recomputed after pruning: a token that survives keeps the position id (1-D, or 3-D M-RoPE) it had
 in the unpruned sequence, and decoding continues from the unpruned sequence's next position. Dropping tokens after
@@ -178,6 +183,8 @@ class Intervention:
     #: whether any hook does something while decoding (``ctx.step >= 0``); when no intervention does, the runtime
     #: may replay decode steps from a static cache as a CUDA graph, where no Python hook runs
     acts_in_decode: bool = True
+    #: whether the decode hooks keep the contract in the module docstring, so that the graph may capture them
+    decode_in_graph: bool = False
 
     def prefill_layers(self, num_layers: int) -> set[int] | None:
         """The prefill layers at which this intervention's layer hooks may act (``attention`` before the layer,

@@ -8,9 +8,10 @@ invalid keys. On CUDA the step is captured once as a CUDA graph and replayed for
 instead of several hundred kernel launches from Python. On the CPU (and for a model spread over several GPUs) the
 same step runs eagerly; the tests compare it with the dynamic cache.
 
-The engine uses it only when no intervention acts during decoding (:attr:`Intervention.acts_in_decode`): pruners
-work in the prefill and keep it; decoders edit the decode steps and keep the dynamic
-:class:`~vlmkit.runtime.cache.LayeredKVCache`.
+The engine uses it when every intervention that acts during decoding does so inside the step
+(:attr:`Intervention.acts_in_decode`, :attr:`Intervention.decode_in_graph`): pruners work in the prefill; CCA too;
+VISTA's steering and logit edits are tensor work that the graph captures with the step. The other decoders (extra
+passes, candidate checks, per-step host logic) keep the dynamic :class:`~vlmkit.runtime.cache.LayeredKVCache`.
 """
 
 from __future__ import annotations
@@ -141,16 +142,17 @@ class StaticDecoder:
         return self.logits.clone()
 
 
-def decoder_layout(cache: LayeredKVCache, next_position: torch.Tensor, max_new_tokens: int) -> tuple:
+def decoder_layout(cache: LayeredKVCache, next_position: torch.Tensor, max_new_tokens: int, num_beams: int) -> tuple:
     """What one static decoder serves: the batch size, the per-layer capacities (rounded up to
-    :data:`CAPACITY_BUCKET`), the shared prefixes' count and capacity (0, 0 without), dtype and device."""
+    :data:`CAPACITY_BUCKET`), the shared prefixes' count and capacity (0, 0 without), dtype, device and the beams per
+    sample (hooks inside the graph may map rows to samples by it)."""
     capacities = tuple(round_up(length + max_new_tokens, CAPACITY_BUCKET) for length in cache.lengths())
     prefixes = (0, 0)
     if cache.prefixes is not None:
         shared = cache.prefixes[0].keys
         prefixes = (shared.shape[0], round_up(shared.shape[-2], CAPACITY_BUCKET))
     template = cache.key_template(0)
-    return next_position.shape[0], capacities, prefixes, template.dtype, str(template.device)
+    return next_position.shape[0], capacities, prefixes, template.dtype, str(template.device), num_beams
 
 
 def static_decoder(engine: Engine, cache: LayeredKVCache, next_position: torch.Tensor, layout: tuple) -> StaticDecoder:
