@@ -56,7 +56,7 @@ def mlp_sensitivity(first: torch.nn.Linear, act: Projector, last: torch.nn.Linea
     cancels). So the first product runs once per token and once per direction instead of once per perturbed row, and
     the difference of the activations, taken in float32, goes through ``last`` in the projector's own dtype: its
     rounding is relative to the difference itself, whereas subtracting two projected outputs cancels their leading
-    digits. On LLaVA-1.5's shapes this is about a tenth of the float32 work of the direct differences."""
+    digits. At LLaVA-1.5's shapes on an H200: 4.4 ms, against 70.4 for the direct differences (docs/performance.md)."""
     x = features.float()
     weight = first.weight.float()
     base = torch.nn.functional.linear(x, weight, None if first.bias is None else first.bias.float())  # [N, H]
