@@ -52,10 +52,10 @@ def suppress_select(scores: torch.Tensor, features: torch.Tensor, count: int, co
     not yet suppressed, since suppression is never undone."""
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
     distance = (1.0 - unit @ unit.T).cpu().numpy()
-    ranking = scores.argsort(descending=True, stable=True).cpu().numpy()
+    ranking = scores.argsort(descending=True, stable=True).tolist()
     alive = np.ones(len(ranking), dtype=bool)
     picked: list[int] = []
-    for rank, token in enumerate(ranking.tolist()):
+    for rank, token in enumerate(ranking):
         if len(picked) == count:
             break
         if not alive[token]:
@@ -66,7 +66,7 @@ def suppress_select(scores: torch.Tensor, features: torch.Tensor, count: int, co
         alive &= distance[token] >= min(position * complexity * scale, tau_max)
     if len(picked) < count:  # refill with the suppressed tokens, best attention first
         taken = set(picked)
-        picked += [token for token in ranking.tolist() if token not in taken][: count - len(picked)]
+        picked += [token for token in ranking if token not in taken][: count - len(picked)]
     return torch.tensor(picked, device=scores.device)
 
 

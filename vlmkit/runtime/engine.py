@@ -12,7 +12,8 @@ One call of :meth:`Engine.generate` does, in order (hook names in brackets, see 
    without copies (``_prefill_shared``);
 4. decode: one token per row through the same walk; edit logits [edit_logits]; choose tokens (greedy, sampling or
    beam search) and let decoders reject candidates [accept, fallback]; stop at EOS, stop strings or the token limit.
-   When no intervention acts during decoding, the steps run over a static cache as a CUDA graph (static_decode.py).
+   When every intervention that acts during decoding does so inside the step (``decode_in_graph``), the steps run
+   over a static cache as a CUDA graph (static_decode.py).
 
 When every intervention that acts inside the language model's prefill says at which layers (``prefill_layers``),
 step 3 calls their hooks eagerly and runs the layers in fixed-shape buffers of bucketed length, replayed as CUDA

@@ -180,8 +180,8 @@ class Intervention:
     supports_batch: bool = True
     #: whether ``select_visual`` needs ``VisualTokens.attention`` (costs one extra projection in the vision tower)
     needs_vision_attention: bool = False
-    #: whether any hook does something while decoding (``ctx.step >= 0``); when no intervention does, the runtime
-    #: may replay decode steps from a static cache as a CUDA graph, where no Python hook runs
+    #: whether any hook does something while decoding (``ctx.step >= 0``); when no intervention does (or each one
+    #: that does keeps ``decode_in_graph``'s contract), the runtime may replay decode steps as a CUDA graph
     acts_in_decode: bool = True
     #: whether the decode hooks keep the contract in the module docstring, so that the graph may capture them
     decode_in_graph: bool = False

@@ -163,19 +163,20 @@ class ActingLayer(StaticSegment):
 def static_segment(engine: Engine, state: LayerState, start: int, stop: int, segmented: bool = False) -> StaticSegment:
     """The engine's static segment for these layers, batch size and bucketed length; ``segmented``: with a
     segment table (a shared-prefix prefill)."""
-    length = bucketed(state.valid.shape[1])
-    key = (start, stop, *_layout(state), segmented)
-    return engine.static_prefills.get(key, lambda: StaticSegment(engine, state, length, start, stop, segmented))
+    layout = _layout(state)
+    key = (start, stop, *layout, segmented)
+    return engine.static_prefills.get(key, lambda: StaticSegment(engine, state, layout[1], start, stop, segmented))
 
 
 def acting_layer(engine: Engine, state: LayerState, layer: int, statistics: bool) -> ActingLayer:
     """The engine's :class:`ActingLayer` for this layer, batch size and bucketed length; ``statistics``: with the
     key mass of query rows."""
-    key = (layer, layer + 1, *_layout(state), "acting", statistics)
-    return engine.static_prefills.get(
-        key, lambda: ActingLayer(engine, state, bucketed(state.valid.shape[1]), layer, statistics))
+    layout = _layout(state)
+    key = (layer, layer + 1, *layout, "acting", statistics)
+    return engine.static_prefills.get(key, lambda: ActingLayer(engine, state, layout[1], layer, statistics))
 
 
 def _layout(state: LayerState) -> tuple:
+    """What a static segment is specialised to: batch size, bucketed length, position layout, dtype and device."""
     return (state.valid.shape[0], bucketed(state.valid.shape[1]), state.positions.dim(), state.hidden.dtype,
             str(state.hidden.device))
